@@ -1,0 +1,108 @@
+"""Seconds per MAE train step, images/s, achieved GFLOP/s and the fraction of this machine's peak.
+
+  python bench/train_step.py --model=vitb16 --batch=8 --json
+  python bench/train_step.py --model=demo --batch=128
+
+The step is the real one from mim/train.py (masking, MAE forward/backward, AdamW), jitted with
+donated state, on synthetic images. FLOPs are the analytic matmul count (mim/flops.py); the peak
+is measured here as the best f32 jit matmul rate (2048^3), so the ratio is an honest MFU.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mim import flops as flops_lib  # noqa: E402
+from mim import masking, optim, sharding, train  # noqa: E402
+
+flags.DEFINE_enum('model', 'vitb16', ['vitb16', 'vitl16', 'demo'], 'Which config to time.')
+flags.DEFINE_integer('batch', 8, 'Global batch size.')
+flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
+flags.DEFINE_bool('json', False, 'End with one JSON line of the results.')
+FLAGS = flags.FLAGS
+
+CONFIGS = {'vitb16': 'configs/mae_vitb.py', 'vitl16': 'configs/mae_vitl.py', 'demo': 'configs/demo.py'}
+
+
+def load_config(name: str):
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CONFIGS[name])
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 9) -> float:
+  """Best f32 matmul rate of this backend (what a perfectly efficient step could reach)."""
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / min(times) / 1e9
+
+
+def main(argv):
+  del argv
+  cfg = load_config(FLAGS.model)
+  cfg.batch_size = FLAGS.batch
+  model, spec = train.build_model(cfg)
+  keep = masking.num_keep(spec.num_patches, cfg.masking.ratio)
+  schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, 1000, 100)
+  tx = optim.make_optimizer(cfg.optim, schedule)
+  mesh = sharding.make_mesh(cfg.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    init_fn = train.make_init_fn(model, spec, keep, tx)
+    shardings = sharding.logical_to_shardings(mesh, jax.eval_shape(init_fn, jax.random.key(0)))
+    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (FLAGS.batch, spec.image_size, spec.image_size, 3))
+    batch = {'image': jax.device_put(images, sharding.batch_sharding(mesh))}
+    step_fn = jax.jit(train.make_train_step(cfg, model, spec, keep, tx, schedule),
+                      donate_argnums=(0,))
+    t = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    xla_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(FLAGS.steps):
+      t = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+  sec = statistics.median(times)
+  gflop = flops_lib.mae_train_flops_per_image(spec, keep) * FLAGS.batch / 1e9
+  peak = matmul_peak_gflops()
+  result = dict(
+      model=FLAGS.model, batch=FLAGS.batch, device=jax.devices()[0].device_kind,
+      device_count=jax.device_count(), compile_s=round(compile_s, 2),
+      sec_per_step=round(sec, 4), sec_per_step_min=round(min(times), 4),
+      img_per_sec=round(FLAGS.batch / sec, 2), gflop_per_step=round(gflop, 2),
+      xla_gflop_per_step=round(xla_flops / 1e9, 2), gflops_per_sec=round(gflop / sec, 2),
+      peak_gflops=round(peak, 1), peak_fraction=round(gflop / sec / peak, 4),
+      loss=float(metrics['loss']))
+  print(f'{FLAGS.model} batch {FLAGS.batch} on {result["device_count"]}x {result["device"]}: '
+        f'{sec:.3f} s/step (min {min(times):.3f}), {result["img_per_sec"]} img/s, '
+        f'{gflop:.1f} GFLOP/step analytic ({result["xla_gflop_per_step"]} XLA), '
+        f'{result["gflops_per_sec"]} GFLOP/s = {100 * result["peak_fraction"]:.1f}% of the '
+        f'{peak:.0f} GFLOP/s matmul peak; compile {compile_s:.1f} s')
+  if FLAGS.json:
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Masked image modeling pretraining of Vision Transformers in JAX/Flax."""

@@ -1,0 +1,128 @@
+"""The config schema: every key a recipe may set, with its default, and validation.
+
+Recipes in configs/ start from `default_config()` and change values; `validate` rejects keys the
+schema does not know (with near-match suggestions) and bad values, before anything compiles.
+"""
+import difflib
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the key and what to do."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 4096             # global, over all devices and processes
+  c.total_epochs = 1600.0
+  c.total_steps = 0               # > 0 overrides total_epochs
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.reconstruction_every_steps = 0   # 0 = only at the end
+  c.max_to_keep = 3
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant='B',                # ViT preset: Ti, S, B, L, H ('' = give width/depth/num_heads)
+      image_size=224, patch_size=16,
+      width=0, depth=0, num_heads=0, mlp_dim=0,   # 0 = from the variant (mlp 4x width)
+      decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=0))
+
+  c.masking = ml_collections.ConfigDict(dict(name='random', ratio=0.75))
+  c.targets = ml_collections.ConfigDict(dict(name='pixels', norm_pix=True))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=1.5e-4,             # lr = base_lr * batch_size / 256
+      min_lr=0.0,
+      warmup_epochs=40.0,
+      warmup_steps=0,             # > 0 overrides warmup_epochs
+      b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05,
+      # Decayed parameters, by path regex. The official MAE decays every tensor with ndim >= 2
+      # that is not a bias, which includes the cls and mask tokens.
+      weight_decay_regex=r'.*/(kernel|cls|mask_token)$',
+      grad_clip_norm=0.0))        # 0 = off (official recipe)
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='imagenet2012', data_dir='', train_split='train', eval_split='validation',
+      crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
+      mean=IMAGENET_MEAN, std=IMAGENET_STD,
+      num_workers=8, max_skipped_fraction=0.001))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 = fill
+
+  c.eval = ml_collections.ConfigDict(dict(
+      knn=False,                  # at the end: kNN accuracy, pretrained vs random-init encoder
+      knn_k=20, knn_max_train=10000, knn_max_test=10000,
+      num_reconstructions=8))
+  return c
+
+
+def _suggest(key: str, known) -> str:
+  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+  return f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+
+
+def _check_keys(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str):
+  for key in cfg.keys():
+    path = f'{prefix}{key}'
+    if key not in schema:
+      raise ConfigError(f'Unknown config key {path!r}.{_suggest(key, schema.keys())} '
+                        f'Known keys here: {", ".join(sorted(schema.keys()))}.')
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        raise ConfigError(f'Config key {path!r} must be a section, got {cfg[key]!r}.')
+      _check_keys(cfg[key], schema[key], path + '.')
+
+
+def _require(ok: bool, msg: str):
+  if not ok:
+    raise ConfigError(msg)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the key for anything wrong in `cfg`."""
+  _check_keys(cfg, default_config(), '')
+  m = cfg.model
+  _require(m.variant in ('', 'Ti', 'S', 'B', 'L', 'H'),
+           f"model.variant={m.variant!r} is not a ViT preset; use Ti, S, B, L, H or '' with "
+           'model.width/depth/num_heads.')
+  _require(m.patch_size > 0 and m.image_size > 0 and m.image_size % m.patch_size == 0,
+           f'model.patch_size={m.patch_size} must divide model.image_size={m.image_size}.')
+  from mim.models import mae  # local: keeps this module importable without flax
+  spec = mae.spec_from_config(m)
+  for name, width, heads in (('', spec.width, spec.num_heads),
+                             ('decoder_', spec.decoder_width, spec.decoder_heads)):
+    _require(width > 0 and heads > 0 and width % heads == 0,
+             f'model.{name}width={width} must be a positive multiple of model.{name or "num_"}heads={heads}.')
+    _require(width % 4 == 0, f'model.{name}width={width} must be divisible by 4 (2D sin-cos table).')
+  _require(0.0 < cfg.masking.ratio < 1.0,
+           f'masking.ratio={cfg.masking.ratio} must be in (0, 1), e.g. 0.75.')
+  from mim import masking
+  _require(cfg.masking.name in masking.STRATEGIES,
+           f'masking.name={cfg.masking.name!r} is unknown.{_suggest(cfg.masking.name, masking.STRATEGIES)} '
+           f'Choose one of {sorted(masking.STRATEGIES)}.')
+  _require(masking.num_keep(spec.num_patches, cfg.masking.ratio) >= 1,
+           f'masking.ratio={cfg.masking.ratio} leaves no visible patch of {spec.num_patches}.')
+  _require(cfg.targets.name == 'pixels', f"targets.name={cfg.targets.name!r}: only 'pixels' exists.")
+  _require(cfg.batch_size > 0, f'batch_size={cfg.batch_size} must be positive.')
+  _require(cfg.total_steps > 0 or cfg.total_epochs > 0,
+           'Set total_steps > 0 or total_epochs > 0 (schedule length).')
+  for key in ('log_every_steps', 'checkpoint_every_steps'):
+    _require(cfg[key] > 0, f'{key}={cfg[key]} must be positive.')
+  _require(cfg.data.max_skipped_fraction >= 0, 'data.max_skipped_fraction must be >= 0.')
+  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+  _require(sum(s == -1 for s in sizes) <= 1 and all(s == -1 or s > 0 for s in sizes),
+           f'mesh sizes (data, fsdp, tensor)={tuple(sizes)}: each must be positive, at most one -1.')
+
+
+def check_batch_divides(batch_size: int, device_count: int, process_count: int) -> None:
+  _require(batch_size % device_count == 0,
+           f'batch_size={batch_size} is not divisible by the device count {device_count}; '
+           f'use a multiple of {device_count}.')
+  _require(batch_size % process_count == 0,
+           f'batch_size={batch_size} is not divisible by the process count {process_count}.')
+

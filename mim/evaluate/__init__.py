@@ -1,0 +1,1 @@
+"""Evaluation utilities: reconstruction visualization and kNN probing."""

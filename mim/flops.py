@@ -1,0 +1,28 @@
+"""Analytic matmul FLOPs of an MAE step (the count MFU is measured against).
+
+Counts 2 FLOPs per multiply-add of every matmul (attention scores and values included);
+a training step is taken as 3x the forward pass (backward ~ 2x forward), the usual convention.
+"""
+from mim.models.mae import ModelSpec
+
+
+def _transformer(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+  per_block = (2 * tokens * width * 3 * width      # q, k, v
+               + 2 * 2 * tokens * tokens * width   # scores and weighted values
+               + 2 * tokens * width * width        # out projection
+               + 2 * 2 * tokens * width * mlp_dim) # MLP
+  return depth * per_block
+
+
+def mae_forward_flops(spec: ModelSpec, num_keep: int) -> float:
+  """Forward FLOPs for one image."""
+  n, k = spec.num_patches, num_keep
+  return (2 * n * spec.patch_dim * spec.width                                     # patch embedding
+          + _transformer(1 + k, spec.width, spec.depth, spec.mlp_dim)             # encoder
+          + 2 * (1 + k) * spec.width * spec.decoder_width                         # decoder embed
+          + _transformer(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)
+          + 2 * (1 + n) * spec.decoder_width * spec.patch_dim)                    # pixel head
+
+
+def mae_train_flops_per_image(spec: ModelSpec, num_keep: int) -> float:
+  return 3 * mae_forward_flops(spec, num_keep)

@@ -1,0 +1,49 @@
+"""Scalar metric logging: a JSONL file plus TensorBoard event files in the workdir.
+
+The TensorBoard side uses tensorboard's own event writer and protos, so no TensorFlow is needed.
+"""
+import json
+import math
+import os
+import time
+
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricWriter:
+  """Writes scalars to <workdir>/metrics.jsonl and to TensorBoard events in <workdir>/.
+
+  Each `write` appends one JSON object {"step": step, **metrics} and flushes it, so a resumed run
+  continues the same file and a crash loses nothing. Non-finite values are written as JSON `null`
+  (strict JSON has no NaN/Infinity); TensorBoard gets the raw value. With enabled=False (e.g. on
+  every process but 0 of a multi-host run) nothing is created and every method is a no-op.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._events = EventFileWriter(workdir)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    step = int(step)
+    values = {k: float(v) for k, v in metrics.items()}  # Also accepts numpy / jax scalars.
+    record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
+    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+    self._jsonl.flush()
+    summary = summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self._events.flush()
+
+  def close(self) -> None:
+    if not self._enabled:
+      return
+    self._jsonl.close()
+    self._events.close()

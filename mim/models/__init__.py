@@ -1,0 +1,1 @@
+"""Model zoo: ViT encoder (big_vision names) and the MAE decoder."""

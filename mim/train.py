@@ -1,0 +1,269 @@
+"""MAE pretraining loop: one readable function, sectioned like a recipe.
+
+config -> checks -> mesh -> model + optimizer (created sharded) -> restore or init -> data ->
+jitted step -> loop (log, reconstruct, checkpoint) -> final save and evaluation.
+"""
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+import data as data_lib
+from mim import checkpoint as ckpt_lib
+from mim import config as config_lib
+from mim import flops as flops_lib
+from mim import masking
+from mim import metrics as metrics_lib
+from mim import objectives
+from mim import optim
+from mim import sharding
+from mim.evaluate import knn as knn_lib
+from mim.evaluate import reconstruction
+from mim.models import mae
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. The RNG is not stored: each step's key is fold_in(seed, step)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> tuple[mae.MAE, mae.ModelSpec]:
+  spec = mae.spec_from_config(cfg.model)
+  return mae.MAE(spec), spec
+
+
+def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int]:
+  """(total_steps, warmup_steps); explicit step counts override epochs."""
+  steps_per_epoch = max(num_train_examples // cfg.batch_size, 1)
+  total = cfg.total_steps or int(round(cfg.total_epochs * steps_per_epoch))
+  warmup = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+  return total, min(warmup, total)
+
+
+def dummy_inputs(spec: mae.ModelSpec, keep: int, batch: int = 1):
+  return (jnp.zeros((batch, spec.image_size, spec.image_size, 3), jnp.float32),
+          jnp.zeros((batch, keep), jnp.int32),
+          jnp.tile(jnp.arange(spec.num_patches, dtype=jnp.int32)[None], (batch, 1)))
+
+
+def make_init_fn(model: mae.MAE, spec: mae.ModelSpec, keep: int, tx: optax.GradientTransformation):
+  """rng -> TrainState with logically boxed params (eval_shape it to read the shardings)."""
+  def init(rng):
+    params = model.init(rng, *dummy_inputs(spec, keep))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def make_train_step(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule):
+  base_key = jax.random.key(cfg.seed)
+  score_fn = masking.get_strategy(cfg.masking.name)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    images = batch['image']
+    rng = jax.random.fold_in(base_key, state.step)
+    mask = masking.scores_to_mask(
+        score_fn(jax.random.fold_in(rng, 0), images.shape[0], spec.num_patches), keep)
+
+    def loss_fn(params):
+      pred = model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)
+      loss, _ = objectives.pixel_reconstruction_loss(
+          pred, images, mask.mask, patch_size=spec.patch_size, norm_pix=cfg.targets.norm_pix)
+      return loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state)
+    return new_state, dict(loss=loss, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+
+  return train_step
+
+
+def make_predict_fn(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int):
+  """(params, images) -> (pred, mask) with a fixed masking key, for reconstruction grids."""
+  score_fn = masking.get_strategy(cfg.masking.name)
+
+  def predict(params, images):
+    mask = masking.scores_to_mask(
+        score_fn(jax.random.key(cfg.seed + 1), images.shape[0], spec.num_patches), keep)
+    return model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore), mask.mask
+
+  return jax.jit(predict)
+
+
+def make_feature_fn(model: mae.MAE, batch: int = 256):
+  """(params, images) -> mean of the encoder's patch tokens (all patches, no masking) after the
+  final norm, computed in fixed-size batches (the last one padded) so it compiles once."""
+  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=mae.MAE.encode)[:, 1:].mean(1))
+
+  def features(params, images: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+      chunk = images[i:i + batch]
+      padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+      out.append(np.asarray(encode(params, padded))[:len(chunk)])
+    return np.concatenate(out)
+
+  return features
+
+
+def _format_eta(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) pretraining in `workdir`; returns the final metrics."""
+  # ---------------------------------------------------------------- checks (before compiling)
+  config_lib.validate(cfg)
+  config_lib.check_batch_divides(cfg.batch_size, jax.device_count(), jax.process_count())
+  num_train = data_lib.check_source(cfg.data, cfg.data.train_split)
+  model, spec = build_model(cfg)
+  keep = masking.num_keep(spec.num_patches, cfg.masking.ratio)
+  total_steps, warmup_steps = schedule_lengths(cfg, num_train)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  # ---------------------------------------------------------------- mesh, model, optimizer
+  mesh = sharding.make_mesh(cfg.mesh)
+  schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, total_steps, warmup_steps)
+  tx = optim.make_optimizer(cfg.optim, schedule)
+  init_fn = make_init_fn(model, spec, keep, tx)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    boxed_abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    state_shardings = sharding.logical_to_shardings(mesh, boxed_abstract)
+    abstract_state = ckpt_lib.abstract_with_shardings(sharding.strip_boxes(boxed_abstract), state_shardings)
+
+    # -------------------------------------------------------------- data
+    local_batch = cfg.batch_size // jax.process_count()
+    train_ds = data_lib.build_train_dataset(
+        cfg.data, image_size=spec.image_size, batch_size=local_batch, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(train_ds)
+
+    # -------------------------------------------------------------- restore or init
+    mngr = ckpt_lib.manager(workdir, cfg.max_to_keep)
+    latest = mngr.latest_step()
+    if latest is not None:
+      state = ckpt_lib.restore(mngr, latest, abstract_state, train_iter)
+      logging.info('Resumed from %s at step %d.', mngr.directory, latest)
+    else:
+      state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(
+          jax.random.key(cfg.seed))
+    start_step = int(state.step)
+
+    # -------------------------------------------------------------- step functions
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(cfg, model, spec, keep, tx, schedule),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+    predict = make_predict_fn(cfg, model, spec, keep)
+    vis_images, _ = data_lib.load_eval_split(cfg.data, cfg.data.eval_split,
+                                             image_size=spec.image_size,
+                                             max_examples=cfg.eval.num_reconstructions)
+
+    def save_reconstructions(step: int):
+      if not is_main or not len(vis_images):
+        return
+      pred, mask = predict(state.params, vis_images)
+      path = os.path.join(workdir, 'reconstructions', f'step_{step:07d}.png')
+      reconstruction.save_reconstruction_grid(
+          path, vis_images, np.asarray(pred), np.asarray(mask), patch_size=spec.patch_size,
+          mean=cfg.data.mean, std=cfg.data.std, norm_pix=cfg.targets.norm_pix)
+
+    # -------------------------------------------------------------- loop
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    flops_per_step = flops_lib.mae_train_flops_per_image(spec, keep) * cfg.batch_size
+    pending, skipped_total, seen_total = [], 0, 0
+    t_last, step_last, t_start = time.perf_counter(), start_step, time.perf_counter()
+    last_metrics: dict[str, float] = {}
+    if is_main:
+      print(f'Training {total_steps} steps (warmup {warmup_steps}) of batch {cfg.batch_size} on '
+            f'{jax.device_count()} device(s), mesh {dict(mesh.shape)}; starting at step {start_step}.',
+            flush=True)
+    for step in range(start_step + 1, total_steps + 1):
+      local = next(train_iter)
+      skipped_total += int(local['skipped'].sum())
+      seen_total += len(local['skipped'])
+      if skipped_total > cfg.data.max_skipped_fraction * seen_total and skipped_total > 0:
+        raise data_lib.DataError(
+            f'{skipped_total} unreadable examples skipped out of {seen_total} read by step {step}, '
+            f'more than data.max_skipped_fraction={cfg.data.max_skipped_fraction}. Check the data '
+            'warnings above, fix or remove the files, or raise the threshold.')
+      batch = sharding.global_batch({'image': local['image']}, batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
+
+      if step % cfg.log_every_steps == 0 or step == total_steps:
+        host = jax.device_get(pending)  # one host sync per log interval
+        last_metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        now = time.perf_counter()
+        sec_per_step = (now - t_last) / (step - step_last)
+        last_metrics.update(
+            sec_per_step=sec_per_step, img_per_sec=cfg.batch_size / sec_per_step,
+            gflops_per_sec=flops_per_step / sec_per_step / 1e9, skipped_examples=skipped_total)
+        writer.write(step, last_metrics)
+        if is_main:
+          eta = _format_eta(sec_per_step * (total_steps - step))
+          print(f'step {step}/{total_steps} | loss {last_metrics["loss"]:.4f} | '
+                f'lr {last_metrics["lr"]:.2e} | {last_metrics["img_per_sec"]:.1f} img/s | '
+                f'{last_metrics["gflops_per_sec"]:.1f} GFLOP/s | ETA {eta}', flush=True)
+        pending, t_last, step_last = [], now, step
+      if cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0:
+        save_reconstructions(step)
+      if step % cfg.checkpoint_every_steps == 0 and step != total_steps:
+        ckpt_lib.save(mngr, step, state, train_iter)
+
+    # -------------------------------------------------------------- final save and evaluation
+    if mngr.latest_step() != total_steps:
+      ckpt_lib.save(mngr, total_steps, state, train_iter)
+    save_reconstructions(total_steps)
+    if cfg.eval.knn:
+      last_metrics.update(knn_evaluation(cfg, model, spec, keep, state.params))
+      writer.write(total_steps, {k: v for k, v in last_metrics.items() if k.startswith('knn')})
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    if is_main:
+      print(f'Done in {_format_eta(time.perf_counter() - t_start)}; workdir {workdir}', flush=True)
+  return last_metrics
+
+
+def knn_evaluation(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int, params) -> dict[str, float]:
+  """kNN accuracy on the eval split of the pretrained encoder and of a random-init one."""
+  train_x, train_y = data_lib.load_eval_split(cfg.data, cfg.data.train_split,
+                                              image_size=spec.image_size,
+                                              max_examples=cfg.eval.knn_max_train)
+  test_x, test_y = data_lib.load_eval_split(cfg.data, cfg.data.eval_split,
+                                            image_size=spec.image_size,
+                                            max_examples=cfg.eval.knn_max_test)
+  random_params = nn.unbox(model.init(jax.random.key(cfg.seed + 12345),
+                                      *dummy_inputs(spec, keep))['params'])
+  features = make_feature_fn(model)
+  result = {}
+  for name, p in (('pretrained', params), ('random_init', random_params)):
+    acc = knn_lib.knn_accuracy(features(p, train_x), train_y, features(p, test_x), test_y, k=cfg.eval.knn_k)
+    result[f'knn_{name}'] = acc
+  if jax.process_index() == 0:
+    print(f'kNN accuracy (k={cfg.eval.knn_k}, {len(test_y)} held-out {cfg.data.name} images): '
+          f'pretrained {100 * result["knn_pretrained"]:.2f}% vs random init '
+          f'{100 * result["knn_random_init"]:.2f}%', flush=True)
+  return result
