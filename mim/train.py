@@ -86,7 +86,7 @@ def make_train_step(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    return new_state, dict(loss=loss, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+    return new_state, dict(loss=loss, lr=schedule(state.step), grad_norm=optax.tree.norm(grads))
 
   return train_step
 
@@ -125,8 +125,8 @@ def _format_eta(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) pretraining in `workdir`; returns the final metrics."""
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict[str, float]]:
+  """Runs (or resumes) pretraining in `workdir`; returns the final state and metrics."""
   # ---------------------------------------------------------------- checks (before compiling)
   config_lib.validate(cfg)
   config_lib.check_batch_divides(cfg.batch_size, jax.device_count(), jax.process_count())
@@ -244,7 +244,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     writer.close()
     if is_main:
       print(f'Done in {_format_eta(time.perf_counter() - t_start)}; workdir {workdir}', flush=True)
-  return last_metrics
+  return state, last_metrics
 
 
 def knn_evaluation(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int, params) -> dict[str, float]:

@@ -1,0 +1,94 @@
+"""End-to-end training on the embedded digits: outputs, loss, exact resume."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from mim import config as config_lib
+from mim import train
+
+
+def tiny_config(**overrides):
+  c = config_lib.default_config()
+  c.batch_size = 16
+  c.total_steps = 6
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 3
+  c.reconstruction_every_steps = 3
+  c.optim.warmup_steps = 2
+  c.optim.base_lr = 1e-3
+  c.model.update(dict(variant='', image_size=16, patch_size=4, width=32, depth=2, num_heads=2,
+                      decoder_width=16, decoder_depth=1, decoder_heads=2))
+  c.data.update(dict(name='digits', train_split='train', eval_split='test', num_workers=0))
+  c.mesh.update(dict(data=-1, fsdp=1))
+  c.eval.num_reconstructions = 4
+  c.update(overrides)
+  return c
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('full'))
+  state, metrics = train.train(tiny_config(), workdir)
+  return workdir, state, metrics
+
+
+def test_run_writes_all_outputs(full_run):
+  workdir, state, _ = full_run
+  assert int(state.step) == 6
+  rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in rows] == [2, 4, 6]
+  for r in rows:
+    assert {'loss', 'lr', 'img_per_sec', 'grad_norm', 'skipped_examples'} <= set(r)
+    assert np.isfinite(r['loss']) and r['img_per_sec'] > 0
+  assert rows[0]['lr'] > 0
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert sorted(os.listdir(os.path.join(workdir, 'reconstructions'))) == [
+      'step_0000003.png', 'step_0000006.png']
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, events[0]))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars('loss')] == [2, 4, 6]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['width'] == 32
+
+
+def test_resume_from_checkpoint_is_exact(full_run, tmp_path):
+  """A run restarted from its step-3 checkpoint ends bitwise equal to the uninterrupted run."""
+  workdir, state, _ = full_run
+  resumed_dir = str(tmp_path / 'resumed')
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '3'),
+                  os.path.join(resumed_dir, 'checkpoints', '3'))
+  resumed, _ = train.train(tiny_config(), resumed_dir)
+  assert int(resumed.step) == 6
+  rows = read_jsonl(os.path.join(resumed_dir, 'metrics.jsonl'))
+  assert [r['step'] for r in rows] == [4, 6]   # continues at the right step
+  full_rows = {r['step']: r for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))}
+  assert rows[-1]['loss'] == full_rows[6]['loss']
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rerun_of_finished_run_does_nothing_new(full_run):
+  workdir, state, _ = full_run
+  again, _ = train.train(tiny_config(), workdir)
+  assert int(again.step) == 6
+  assert [r['step'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))] == [2, 4, 6]
+
+
+def test_longer_schedule_continues_from_latest(full_run, tmp_path):
+  workdir, _, _ = full_run
+  longer = str(tmp_path / 'longer')
+  shutil.copytree(workdir, longer)
+  state, _ = train.train(tiny_config(total_steps=8), longer)
+  assert int(state.step) == 8
+  assert [r['step'] for r in read_jsonl(os.path.join(longer, 'metrics.jsonl'))] == [2, 4, 6, 8]
