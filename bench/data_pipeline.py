@@ -73,8 +73,7 @@ def measure(cfg, num_workers: int) -> dict[str, float]:
     batch = next(it)
   t2 = time.perf_counter()
   assert batch['image'].shape == (FLAGS.batch, FLAGS.image_size, FLAGS.image_size, 3)
-  if num_workers:
-    it.close()
+  it.close()
   return {'num_workers': num_workers, 'warmup_s': round(t1 - t0, 3),
           'images_per_s': round(FLAGS.batches * FLAGS.batch / (t2 - t1), 1),
           'ms_per_batch': round(1000 * (t2 - t1) / FLAGS.batches, 1)}

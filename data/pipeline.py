@@ -10,10 +10,12 @@ from data import transforms
 
 def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Infinite stream of this process's batches {'image': f32 (b, S, S, 3), 'label', 'skipped': i32 (b,)}.
+  """Infinite stream of this process's batches of normalized f32 'image' (b, S, S, 3) and i32
+  'label' and 'skipped' (b,), where skipped counts the unreadable records replaced by the example.
 
   Every epoch is a new global shuffle of which process p takes positions p, p + P, p + 2P, ... (the
-  remainder of len % P is left out of that epoch), so processes never read each other's examples.
+  remainder of len % P is left out of that epoch), so processes never read each other's examples
+  (but for the stand-in of an unreadable record, which is simply the next record of the source).
   Augmentations are seeded by (seed, epoch, position in the global order). Batches are formed before
   the multiprocess split, so the stream is the same for every cfg.num_workers; only the iterator
   state's layout differs.
@@ -32,7 +34,7 @@ def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
         .repeat()
         .batch(batch_size, drop_remainder=True)
         .map(transforms.Normalize(cfg.mean, cfg.std))
-        .to_iter_dataset(_read_options(cfg.num_workers, batch_size)))
+        .to_iter_dataset(_read_options(cfg.num_workers, elements_per_thread=1)))
   if cfg.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   return ds
@@ -50,7 +52,7 @@ def load_eval_split(cfg, split: str, *, image_size: int, max_examples: int | Non
   ds = (grain.MapDataset.source(source)[:n]
         .filter(lambda ex: ex['skipped'] == 0)
         .map(transforms.EvalResize(image_size))
-        .to_iter_dataset(_read_options(0, 1)))
+        .to_iter_dataset(_read_options(0, elements_per_thread=8)))
   images = np.empty((n, image_size, image_size, 3), np.uint8)
   labels = np.empty((n,), np.int32)
   k = 0
@@ -59,10 +61,10 @@ def load_eval_split(cfg, split: str, *, image_size: int, max_examples: int | Non
   return transforms.normalize(images[:k], cfg.mean, cfg.std), labels[:k]
 
 
-def _read_options(num_workers: int, batch_size: int) -> grain.ReadOptions:
-  # Threads decode in parallel within each process (PIL and numpy release the GIL); the cores are
-  # split between the worker processes. Elements can be whole batches, so keep the buffer small.
+def _read_options(num_workers: int, elements_per_thread: int) -> grain.ReadOptions:
+  # Threads decode in parallel within each process (PIL and numpy release the GIL), with the cores
+  # split between worker processes. Train elements are whole batches: keep few of them buffered.
   cpus = len(os.sched_getaffinity(0))
   threads = max(1, min(16, cpus // max(1, num_workers)))
-  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads,
-                                                                         64 // batch_size))
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=threads * elements_per_thread + 2)

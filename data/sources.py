@@ -1,8 +1,8 @@
-"""Random-access data sources (digits, npz, image folder, TFDS ArrayRecord) behind one record format.
+"""Random-access data sources (digits, npz, image folder, TFDS ArrayRecord), one record format.
 
-Every source yields {'image': uint8 (H, W, 3), 'label': int32, 'skipped': int32}. A record that cannot
-be read is replaced by the next readable one and 'skipped' counts the records jumped over, so one bad
-file in a million never stops a run; the trainer decides how many skips are too many.
+Every source yields {'image': uint8 (H, W, 3), 'label': int32, 'skipped': int32}. A record that
+cannot be read is replaced by the next readable one and 'skipped' counts the records jumped over,
+so one bad file in a million never stops a run; the trainer decides how many skips are too many.
 """
 import glob
 import os
@@ -17,7 +17,7 @@ from data import npz
 MAX_CONSECUTIVE_FAILURES = 100
 IMAGE_EXTENSIONS = frozenset(
     {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pbm'})
-DIGITS_TRAIN_SIZE = 1437  # load_digits() has 1797 examples: the first 1437 train, the last 360 test.
+DIGITS_TRAIN_SIZE = 1437  # Of load_digits()'s 1797 examples, the first 1437 train, the rest test.
 
 
 class DataError(ValueError):
@@ -25,7 +25,7 @@ class DataError(ValueError):
 
 
 def check_source(cfg, split: str) -> int:
-  """Validates the source of `split` cheaply (no image decoding) and returns its number of examples."""
+  """Validates the source of `split` cheaply (no image decoding); returns its number of examples."""
   return len(make_source(cfg, split))
 
 
@@ -41,7 +41,7 @@ def make_source(cfg, split: str) -> 'Source':
 
 
 class Source:
-  """grain random-access source protocol (__len__, __getitem__) with skipping of unreadable records."""
+  """grain random-access source (__len__, __getitem__) that skips unreadable records."""
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -83,8 +83,8 @@ class ArraySource(Source):
 
 
 class NpzSource(Source):
-  """Arrays of one or more .npz files, opened on first read in each process (grain workers included)
-  so that pickling the source to a worker never copies the data; uncompressed files are memory-mapped."""
+  """Arrays of one or more .npz files, opened on first read in each process (grain workers too),
+  so pickling the source to a worker never copies the data; uncompressed files are memory-mapped."""
 
   def __init__(self, files: list[str], sizes: list[int], prefix: str):
     self._files, self._prefix = files, prefix
@@ -108,8 +108,8 @@ class NpzSource(Source):
     if self._arrays is None:
       with self._lock:  # grain reads with several threads; load each file once.
         if self._arrays is None:
-          self._arrays = [(npz.load(f, self._prefix + 'images'), npz.load(f, self._prefix + 'labels'))
-                          for f in self._files]
+          self._arrays = [(npz.load(f, self._prefix + 'images'),
+                           npz.load(f, self._prefix + 'labels')) for f in self._files]
     k = int(np.searchsorted(self._starts, index, side='right')) - 1
     x, y = self._arrays[k]
     j = index - self._starts[k]
@@ -165,7 +165,7 @@ def _digits(split: str) -> Source:
   if split not in ('train', 'test'):
     raise DataError(f"digits has splits 'train' and 'test', not {split!r}: fix "
                     'config.data.train_split / eval_split')
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top  (slow import, only for digits)
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top  (slow; only for digits)
   digits = datasets.load_digits()
   x = np.repeat(np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None], 3, axis=-1)
   y = digits.target.astype(np.int32)
@@ -203,7 +203,7 @@ def _npz_keys(path: str) -> list[str]:
 
 
 def _check_npz(path: str, prefix: str) -> int:
-  """Checks the arrays' keys, shapes and dtypes from their headers; returns the number of examples."""
+  """Checks keys, shapes and dtypes from the arrays' headers; returns the number of examples."""
   want = (prefix + 'images', prefix + 'labels')
   have = _npz_keys(path)
   if missing := [k for k in want if k not in have]:
@@ -243,10 +243,11 @@ def _folder(data_dir: str, split: str) -> Source:
 
 def _tfds(name: str, data_dir: str, split: str) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+  from etils import epath  # pylint: disable=g-import-not-at-top  (comes with tfds)
   how = (f'Prepare it as ArrayRecord (no TensorFlow is needed to read it), e.g. place the manual '
          f'download and run `tfds build {name} --data_dir={data_dir} --file_format=array_record`, '
          f'or convert a TFRecord copy with `tfds convert_format --out_file_format=array_record`')
-  if not data_dir or not os.path.isdir(data_dir):
+  if not data_dir or not epath.Path(data_dir).is_dir():  # epath: gs:// works too
     raise DataError(f'TFDS data_dir {data_dir!r} (config.data.data_dir) does not exist. {how}')
   try:
     builder = tfds.builder(name, data_dir=data_dir)
