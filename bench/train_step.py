@@ -16,13 +16,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mim import flops as flops_lib  # noqa: E402
-from mim import masking, optim, sharding, train  # noqa: E402
+from mim import sharding, train  # noqa: E402
 
 flags.DEFINE_enum('model', 'vitb16', ['vitb16', 'vitl16', 'demo'], 'Which config to time.')
 flags.DEFINE_integer('batch', 8, 'Global batch size.')
@@ -59,19 +58,15 @@ def main(argv):
   del argv
   cfg = load_config(FLAGS.model)
   cfg.batch_size = FLAGS.batch
-  model, spec = train.build_model(cfg)
-  keep = masking.num_keep(spec.num_patches, cfg.masking.ratio)
-  schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, 1000, 100)
-  tx = optim.make_optimizer(cfg.optim, schedule)
+  parts = train.build_parts(cfg, total_steps=1000, warmup_steps=100)
+  spec = parts.spec
   mesh = sharding.make_mesh(cfg.mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    init_fn = train.make_init_fn(model, spec, keep, tx)
-    shardings = sharding.logical_to_shardings(mesh, jax.eval_shape(init_fn, jax.random.key(0)))
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(0))
+  with sharding.use_mesh(mesh):
+    _, shardings = train.state_shardings(parts, mesh)
+    state = train.init_state(parts, shardings, cfg.seed)
     images = jax.random.normal(jax.random.key(1), (FLAGS.batch, spec.image_size, spec.image_size, 3))
     batch = {'image': jax.device_put(images, sharding.batch_sharding(mesh))}
-    step_fn = jax.jit(train.make_train_step(cfg, model, spec, keep, tx, schedule),
-                      donate_argnums=(0,))
+    step_fn = train.jit_train_step(cfg, parts, mesh, shardings)
     t = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
@@ -85,7 +80,7 @@ def main(argv):
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
   sec = statistics.median(times)
-  gflop = flops_lib.mae_train_flops_per_image(spec, keep) * FLAGS.batch / 1e9
+  gflop = flops_lib.mae_train_flops_per_image(spec, parts.keep) * FLAGS.batch / 1e9
   peak = matmul_peak_gflops()
   result = dict(
       model=FLAGS.model, batch=FLAGS.batch, device=jax.devices()[0].device_kind,

@@ -24,6 +24,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.reconstruction_every_steps = 0   # 0 = only at the end
   c.max_to_keep = 3
+  c.init_from = ''                # weights to start from when the workdir has no checkpoint
+  c.peak_tflops_per_device = 0.0  # for MFU; 0 = from the device table (mim/flops.py)
 
   c.model = ml_collections.ConfigDict(dict(
       variant='B',                # ViT preset: Ti, S, B, L, H ('' = give width/depth/num_heads)

@@ -26,3 +26,22 @@ def mae_forward_flops(spec: ModelSpec, num_keep: int) -> float:
 
 def mae_train_flops_per_image(spec: ModelSpec, num_keep: int) -> float:
   return 3 * mae_forward_flops(spec, num_keep)
+
+
+# Dense bf16 peak FLOP/s per device, from the vendors' datasheets (device_kind prefixes).
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+    'NVIDIA A100': 312e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
+  """The peak MFU is measured against: the override if > 0, else the table; None if unknown (CPU)."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  return next((v for k, v in PEAK_FLOPS.items() if device_kind.startswith(k)), None)

@@ -4,6 +4,7 @@ Modules name their axes logically ('embed', 'mlp', 'heads', 'kv' for parameters;
 'length', 'act_*' for activations); these rules map the names onto mesh axes. The default puts
 every parameter's embed dimension on `fsdp` (ZeRO-3-like) and the batch on data x fsdp.
 """
+import contextlib
 import math
 
 import flax.linen as nn
@@ -45,6 +46,13 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh):
+  """Makes `mesh` and the logical rules current: needed while tracing sharded model code."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -3,9 +3,10 @@
 config -> checks -> mesh -> model + optimizer (created sharded) -> restore or init -> data ->
 jitted step -> loop (log, reconstruct, checkpoint) -> final save and evaluation.
 """
+import functools
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -15,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 
 import data as data_lib
 from mim import checkpoint as ckpt_lib
@@ -38,9 +40,20 @@ class TrainState:
   opt_state: Any
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> tuple[mae.MAE, mae.ModelSpec]:
+class Parts(NamedTuple):
+  """The pieces a run is built from, resolved from the config."""
+  model: mae.MAE
+  spec: mae.ModelSpec
+  keep: int                                  # visible patches per image
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+def build_parts(cfg: ml_collections.ConfigDict, total_steps: int, warmup_steps: int) -> Parts:
   spec = mae.spec_from_config(cfg.model)
-  return mae.MAE(spec), spec
+  schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, total_steps, warmup_steps)
+  return Parts(mae.MAE(spec), spec, masking.num_keep(spec.num_patches, cfg.masking.ratio),
+               optim.make_optimizer(cfg.optim, schedule), schedule)
 
 
 def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int]:
@@ -57,16 +70,32 @@ def dummy_inputs(spec: mae.ModelSpec, keep: int, batch: int = 1):
           jnp.tile(jnp.arange(spec.num_patches, dtype=jnp.int32)[None], (batch, 1)))
 
 
-def make_init_fn(model: mae.MAE, spec: mae.ModelSpec, keep: int, tx: optax.GradientTransformation):
-  """rng -> TrainState with logically boxed params (eval_shape it to read the shardings)."""
-  def init(rng):
-    params = model.init(rng, *dummy_inputs(spec, keep))['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return init
+def init_params(parts: Parts, rng: jax.Array):
+  """Freshly initialized params, still in their logical-partitioning boxes."""
+  return parts.model.init(rng, *dummy_inputs(parts.spec, parts.keep))['params']
 
 
-def make_train_step(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule):
+def _init_boxed_state(parts: Parts, rng: jax.Array) -> TrainState:
+  params = init_params(parts, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=parts.tx.init(params))
+
+
+def state_shardings(parts: Parts, mesh: Mesh) -> tuple[TrainState, Any]:
+  """(abstract state carrying its shardings, the shardings) from the modules' logical axes.
+  Call inside `sharding.use_mesh(mesh)`."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed_state, parts), jax.random.key(0))
+  shardings = sharding.logical_to_shardings(mesh, boxed)
+  return ckpt_lib.abstract_with_shardings(sharding.strip_boxes(boxed), shardings), shardings
+
+
+def init_state(parts: Parts, shardings, seed: int) -> TrainState:
+  """The initial state, created already sharded (never whole on one host)."""
+  init = lambda rng: nn.unbox(_init_boxed_state(parts, rng))
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def make_train_step(cfg, parts: Parts):
+  model, spec, keep = parts.model, parts.spec, parts.keep
   base_key = jax.random.key(cfg.seed)
   score_fn = masking.get_strategy(cfg.masking.name)
 
@@ -83,16 +112,25 @@ def make_train_step(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int,
       return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    return new_state, dict(loss=loss, lr=schedule(state.step), grad_norm=optax.tree.norm(grads))
+    return new_state, dict(loss=loss, lr=parts.schedule(state.step), grad_norm=optax.tree.norm(grads))
 
   return train_step
 
 
-def make_predict_fn(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int):
+def jit_train_step(cfg, parts: Parts, mesh: Mesh, shardings):
+  """The step jitted with explicit shardings and the state donated."""
+  return jax.jit(make_train_step(cfg, parts),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def make_predict_fn(cfg, parts: Parts):
   """(params, images) -> (pred, mask) with a fixed masking key, for reconstruction grids."""
+  model, spec, keep = parts.model, parts.spec, parts.keep
   score_fn = masking.get_strategy(cfg.masking.name)
 
   def predict(params, images):
@@ -100,7 +138,7 @@ def make_predict_fn(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int):
         score_fn(jax.random.key(cfg.seed + 1), images.shape[0], spec.num_patches), keep)
     return model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore), mask.mask
 
-  return jax.jit(predict)
+  return predict
 
 
 def make_feature_fn(model: mae.MAE, batch: int = 256):
@@ -131,24 +169,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   config_lib.validate(cfg)
   config_lib.check_batch_divides(cfg.batch_size, jax.device_count(), jax.process_count())
   num_train = data_lib.check_source(cfg.data, cfg.data.train_split)
-  model, spec = build_model(cfg)
-  keep = masking.num_keep(spec.num_patches, cfg.masking.ratio)
   total_steps, warmup_steps = schedule_lengths(cfg, num_train)
+  parts = build_parts(cfg, total_steps, warmup_steps)
+  spec = parts.spec
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
-  # ---------------------------------------------------------------- mesh, model, optimizer
+  # ---------------------------------------------------------------- mesh, sharded state
   mesh = sharding.make_mesh(cfg.mesh)
-  schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, total_steps, warmup_steps)
-  tx = optim.make_optimizer(cfg.optim, schedule)
-  init_fn = make_init_fn(model, spec, keep, tx)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    boxed_abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    state_shardings = sharding.logical_to_shardings(mesh, boxed_abstract)
-    abstract_state = ckpt_lib.abstract_with_shardings(sharding.strip_boxes(boxed_abstract), state_shardings)
+  with sharding.use_mesh(mesh):
+    abstract_state, shardings = state_shardings(parts, mesh)
 
     # -------------------------------------------------------------- data
     local_batch = cfg.batch_size // jax.process_count()
@@ -164,26 +197,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
       state = ckpt_lib.restore(mngr, latest, abstract_state, train_iter)
       logging.info('Resumed from %s at step %d.', mngr.directory, latest)
     else:
-      state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(
-          jax.random.key(cfg.seed))
+      state = init_state(parts, shardings, cfg.seed)
     start_step = int(state.step)
 
     # -------------------------------------------------------------- step functions
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(cfg, model, spec, keep, tx, schedule),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,))
-    predict = make_predict_fn(cfg, model, spec, keep)
+    train_step = jit_train_step(cfg, parts, mesh, shardings)
+    # Every process runs the evaluation computations (SPMD); only process 0 writes files.
+    predict = jax.jit(make_predict_fn(cfg, parts), out_shardings=sharding.replicated(mesh))
     vis_images, _ = data_lib.load_eval_split(cfg.data, cfg.data.eval_split,
                                              image_size=spec.image_size,
                                              max_examples=cfg.eval.num_reconstructions)
 
     def save_reconstructions(step: int):
-      if not is_main or not len(vis_images):
+      if not len(vis_images):
         return
       pred, mask = predict(state.params, vis_images)
+      if not is_main:
+        return
       path = os.path.join(workdir, 'reconstructions', f'step_{step:07d}.png')
       reconstruction.save_reconstruction_grid(
           path, vis_images, np.asarray(pred), np.asarray(mask), patch_size=spec.patch_size,
@@ -191,7 +222,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
 
     # -------------------------------------------------------------- loop
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    flops_per_step = flops_lib.mae_train_flops_per_image(spec, keep) * cfg.batch_size
+    flops_per_step = flops_lib.mae_train_flops_per_image(spec, parts.keep) * cfg.batch_size
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
     pending, skipped_total, seen_total = [], 0, 0
     t_last, step_last, t_start = time.perf_counter(), start_step, time.perf_counter()
     last_metrics: dict[str, float] = {}
@@ -220,12 +252,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
         last_metrics.update(
             sec_per_step=sec_per_step, img_per_sec=cfg.batch_size / sec_per_step,
             gflops_per_sec=flops_per_step / sec_per_step / 1e9, skipped_examples=skipped_total)
+        if peak:
+          last_metrics['mfu'] = flops_per_step / sec_per_step / (peak * jax.device_count())
         writer.write(step, last_metrics)
         if is_main:
           eta = _format_eta(sec_per_step * (total_steps - step))
           print(f'step {step}/{total_steps} | loss {last_metrics["loss"]:.4f} | '
                 f'lr {last_metrics["lr"]:.2e} | {last_metrics["img_per_sec"]:.1f} img/s | '
-                f'{last_metrics["gflops_per_sec"]:.1f} GFLOP/s | ETA {eta}', flush=True)
+                f'{last_metrics["gflops_per_sec"]:.1f} GFLOP/s'
+                + (f' | MFU {100 * last_metrics["mfu"]:.1f}%' if peak else '') + f' | ETA {eta}',
+                flush=True)
         pending, t_last, step_last = [], now, step
       if cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0:
         save_reconstructions(step)
@@ -237,7 +273,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
       ckpt_lib.save(mngr, total_steps, state, train_iter)
     save_reconstructions(total_steps)
     if cfg.eval.knn:
-      last_metrics.update(knn_evaluation(cfg, model, spec, keep, state.params))
+      last_metrics.update(knn_evaluation(cfg, parts, state.params))
       writer.write(total_steps, {k: v for k, v in last_metrics.items() if k.startswith('knn')})
     mngr.wait_until_finished()
     mngr.close()
@@ -247,17 +283,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   return state, last_metrics
 
 
-def knn_evaluation(cfg, model: mae.MAE, spec: mae.ModelSpec, keep: int, params) -> dict[str, float]:
+def knn_evaluation(cfg, parts: Parts, params) -> dict[str, float]:
   """kNN accuracy on the eval split of the pretrained encoder and of a random-init one."""
+  spec = parts.spec
   train_x, train_y = data_lib.load_eval_split(cfg.data, cfg.data.train_split,
                                               image_size=spec.image_size,
                                               max_examples=cfg.eval.knn_max_train)
   test_x, test_y = data_lib.load_eval_split(cfg.data, cfg.data.eval_split,
                                             image_size=spec.image_size,
                                             max_examples=cfg.eval.knn_max_test)
-  random_params = nn.unbox(model.init(jax.random.key(cfg.seed + 12345),
-                                      *dummy_inputs(spec, keep))['params'])
-  features = make_feature_fn(model)
+  random_params = nn.unbox(init_params(parts, jax.random.key(cfg.seed + 12345)))
+  features = make_feature_fn(parts.model)
   result = {}
   for name, p in (('pretrained', params), ('random_init', random_params)):
     acc = knn_lib.knn_accuracy(features(p, train_x), train_y, features(p, test_x), test_y, k=cfg.eval.knn_k)
