@@ -1,5 +1,8 @@
 """Entry point: python main.py --config=configs/demo.py --workdir=W [--mode=train|summary].
 
+Export weights for PyTorch (timm, Hugging Face ViTMAE, official MAE; see mim/interop):
+  python main.py --mode=export --workdir=W --export_format=timm|hf|mae --export_path=P
+
 Config values are overridden with --config.key=value (e.g. --config.total_steps=100).
 """
 import sys
@@ -10,7 +13,19 @@ from absl import logging
 from ml_collections import config_flags
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images; a rerun resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'summary'], 'What to do with the config.')
+flags.DEFINE_enum('mode', 'train', ['train', 'summary', 'export'], 'What to do with the config.')
+flags.DEFINE_enum('export_format', None, ['timm', 'hf', 'mae'],
+                  'For --mode=export: timm (P.safetensors + P.npz, encoder), hf (directory P), '
+                  'mae (P.safetensors + P.pth, encoder + decoder).')
+flags.DEFINE_string('export_path', None,
+                    'For --mode=export: output file stem (timm, mae) or directory (hf).')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-process: host:port of process 0 (or env MIM_COORDINATOR_ADDRESS).')
+flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes (or MIM_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None, 'Multi-process: this process (or MIM_PROCESS_ID).')
+flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() with cluster '
+                  'auto-detection (Cloud TPU, SLURM, ...). Default: on under SLURM with several '
+                  'tasks, on multi-host TPU, and when --coordinator_address is given.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/mae_vitb.py[:arg].',
                                 lock_config=True)
 FLAGS = flags.FLAGS
@@ -20,20 +35,32 @@ def main(argv):
   del argv
   if not FLAGS['verbosity'].present:  # library INFO chatter (orbax, jax) drowns the progress lines
     logging.set_verbosity(logging.WARNING)
-  from mim import config as config_lib  # after flag parsing: keeps --help fast
+  from mim import sharding  # after flag parsing: keeps --help fast
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, FLAGS.distributed)
+  from mim import config as config_lib
+  from mim import interop
   import data as data_lib
   cfg = FLAGS.config
   try:
+    if FLAGS.mode == 'export':
+      if not FLAGS.export_format or not FLAGS.export_path:
+        raise config_lib.ConfigError('--mode=export needs --export_format and --export_path.')
+      cfg = config_lib.default_config() if cfg is None else cfg  # the workdir has its config.json
+      written = interop.export(cfg, FLAGS.workdir, FLAGS.export_format, FLAGS.export_path)
+      print('Wrote ' + ', '.join(written))
+      return
     if FLAGS.mode == 'summary':
       from mim import summary
       config_lib.validate(cfg)
       print(summary.summarize(cfg))
+      print(summary.format_memory_plan(summary.memory_plan(cfg)))
       return
     if not FLAGS.workdir:
       raise config_lib.ConfigError('--workdir is required for --mode=train.')
     from mim import train
     train.train(cfg, FLAGS.workdir)
-  except (config_lib.ConfigError, data_lib.DataError) as e:
+  except (config_lib.ConfigError, data_lib.DataError, interop.InteropError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
@@ -51,5 +78,7 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
+  flags.register_multi_flags_validator(  # export reads the config saved in the workdir
+      ['config', 'mode'], lambda f: f['config'] is not None or f['mode'] == 'export',
+      message='--config is required (except for --mode=export).')
   app.run(main, flags_parser=parse_flags)

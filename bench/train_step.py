@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mim import flops as flops_lib  # noqa: E402
+from mim import config as config_lib  # noqa: E402
 from mim import sharding, train  # noqa: E402
 
 flags.DEFINE_enum('model', 'vitb16', ['vitb16', 'vitl16', 'demo'], 'Which config to time.')
@@ -33,12 +34,8 @@ CONFIGS = {'vitb16': 'configs/mae_vitb.py', 'vitl16': 'configs/mae_vitl.py', 'de
 
 
 def load_config(name: str):
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CONFIGS[name])
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return config_lib.load(os.path.join(root, CONFIGS[name]))
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 9) -> float:

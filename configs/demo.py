@@ -4,10 +4,13 @@ Command:
   python main.py --config=configs/demo.py --workdir=/tmp/mim_demo
   python main.py --config=configs/demo.py:method=mae --workdir=W   # pick the method by name
 Data: the 1797 8x8 digits shipped in scikit-learn (1437 train / 360 held out), upscaled to 32x32.
-Model: ViT 128 wide x 6 blocks (4 heads), patch 4 (64 patches, 16 visible), decoder 64x2.
-Cost: ~1.2M parameters, 0.43 GFLOP per image per step; about 3 minutes on 2 CPU cores.
-Expected: the loss falls from ~1.0 to below 0.5; at the end the printed kNN accuracy of the
-  pretrained encoder on the held-out digits is above that of a randomly initialized one.
+Model: ViT 128 wide x 6 blocks (4 heads), patch 8 (16 patches, 4 visible), decoder 64x2.
+  Few, large patches make the 75% masking task need the digit's shape, not local interpolation.
+Cost: 1.3M trainable parameters, 0.05 GFLOP per image per step; 600 steps of batch 128
+  (53 epochs) take about 2-3 minutes on 2 CPU cores.
+Expected: the loss falls from ~1.8 to ~0.60; the final kNN accuracy (k=20) on the 360 held-out
+  digits is ~79% for the pretrained encoder vs ~53% for a randomly initialized one
+  (measured 78.9% vs 53.3%).
 """
 from mim import config as config_lib
 
@@ -20,13 +23,13 @@ def get_config(arg=None):
     raise ValueError(f'configs/demo.py: method={method!r} is unknown; choose one of {METHODS}.')
   c = config_lib.default_config()
   c.batch_size = 128
-  c.total_steps = 1500
+  c.total_steps = 600
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 500
-  c.reconstruction_every_steps = 500
+  c.checkpoint_every_steps = 200
+  c.reconstruction_every_steps = 200
   c.optim.base_lr = 1.5e-3
-  c.optim.warmup_steps = 100
-  c.model.update(dict(variant='', image_size=32, patch_size=4, width=128, depth=6, num_heads=4,
+  c.optim.warmup_steps = 50
+  c.model.update(dict(variant='', image_size=32, patch_size=8, width=128, depth=6, num_heads=4,
                       decoder_width=64, decoder_depth=2, decoder_heads=4))
   c.data.update(dict(name='digits', train_split='train', eval_split='test', num_workers=0,
                      crop_scale=(0.5, 1.0), flip=False))  # flipping changes a digit's meaning

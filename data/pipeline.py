@@ -9,35 +9,65 @@ from data import transforms
 
 
 def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                        process_index: int = 0, process_count: int = 1,
+                        start_batch: int = 0) -> grain.IterDataset:
   """Infinite stream of this process's batches of normalized f32 'image' (b, S, S, 3) and i32
   'label' and 'skipped' (b,), where skipped counts the unreadable records replaced by the example.
 
-  Every epoch is a new global shuffle of which process p takes positions p, p + P, p + 2P, ... (the
-  remainder of len % P is left out of that epoch), so processes never read each other's examples
-  (but for the stand-in of an unreadable record, which is simply the next record of the source).
-  Augmentations are seeded by (seed, epoch, position in the global order). Batches are formed before
-  the multiprocess split, so the stream is the same for every cfg.num_workers; only the iterator
-  state's layout differs.
+  Every epoch is a new global shuffle cut into global batches of b * process_count positions;
+  process p reads the p-th slice of b positions of each (the remainder of an epoch that does not
+  fill a global batch is left out), so processes never read each other's examples and the global
+  batch, assembled in process order, is the same for every process count. Augmentations are
+  seeded by (seed, epoch, position in the global order). Batches are formed before the
+  multiprocess split, so the stream is the same for every cfg.num_workers; only the iterator
+  state's layout differs. `start_batch` skips that many batches without reading them (resuming
+  when no iterator state fits, e.g. after a change of process count).
   """
   source = sources.make_source(cfg, cfg.train_split)
-  per_process = len(source) // process_count
-  if not per_process:
-    raise sources.DataError(f'Train split {cfg.train_split!r} has {len(source)} examples, fewer '
-                            f'than the {process_count} processes')
+  if len(source) < batch_size * process_count:
+    raise sources.DataError(
+        f'Train split {cfg.train_split!r} has {len(source)} examples, fewer than one global batch '
+        f'({batch_size} x {process_count} processes); lower batch_size or add data.')
   crop = transforms.RandomResizedCrop(image_size, cfg.crop_scale, cfg.crop_ratio, cfg.flip)
   ds = (grain.MapDataset.source(source)
         .seed(seed)
         .shuffle()  # Reshuffles every epoch: repeat() passes the epoch on in the index.
-        .random_map(crop)
-        [process_index:per_process * process_count:process_count]
+        .random_map(crop))
+  ds = (GlobalBatchShard(ds, batch_size, process_index, process_count)
         .repeat()
         .batch(batch_size, drop_remainder=True)
+        [start_batch:]
         .map(transforms.Normalize(cfg.mean, cfg.std))
         .to_iter_dataset(_read_options(cfg.num_workers, elements_per_thread=1)))
   if cfg.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   return ds
+
+
+class GlobalBatchShard(grain.MapDataset):
+  """Process p's share of every global batch: local position j of an epoch reads global position
+  (j // b) * b * P + p * b + j % b (b = local batch, P = processes). Later epochs are passed on as
+  parent positions epoch * len(parent) + ..., so reshuffling and augmentation see the epoch."""
+
+  def __init__(self, parent: grain.MapDataset, local_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._b, self._p, self._n = local_batch, process_index, process_count
+    self._parent_length = len(parent)
+    self._length = len(parent) // (local_batch * process_count) * local_batch
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, j = divmod(index, self._length)
+    k, r = divmod(j, self._b)
+    return self._parent[epoch * self._parent_length + (k * self._n + self._p) * self._b + r]
+
+  def __str__(self) -> str:
+    return f'GlobalBatchShard(batch={self._b}, process={self._p}/{self._n})'
 
 
 def load_eval_split(cfg, split: str, *, image_size: int, max_examples: int | None = None

@@ -33,6 +33,13 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
   return mngr.restore(step, args=ocp.args.Composite(**items))['state']
 
 
+def has_iterator_state(mngr: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step` holds a data-iterator state for this process layout (grain saves one file
+  per process, so a checkpoint from another process count has none that fits)."""
+  name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  return os.path.exists(os.path.join(str(mngr.directory), str(step), 'data_iter', name))
+
+
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_tree, shardings)

@@ -63,6 +63,15 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file (what --config=path[:arg] gives, for scripts and tests)."""
+  import importlib.util
+  module_spec = importlib.util.spec_from_file_location('mim_config_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def _suggest(key: str, known) -> str:
   close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
   return f' Did you mean {", ".join(map(repr, close))}?' if close else ''

@@ -6,6 +6,7 @@ every parameter's embed dimension on `fsdp` (ZeRO-3-like) and the batch on data 
 """
 import contextlib
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -25,6 +26,34 @@ LOGICAL_RULES = (
     ('heads', 'tensor'),
     ('kv', None),
 )
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           auto: bool | None = None) -> None:
+  """Starts JAX's multi-controller runtime before anything touches the devices.
+
+  Explicit arguments (or MIM_COORDINATOR_ADDRESS / MIM_NUM_PROCESSES / MIM_PROCESS_ID) give a
+  plain multi-process launch; otherwise `auto` (default: SLURM with several tasks, or a TPU
+  slice with several workers) lets jax detect the cluster. A single process does nothing.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get('MIM_COORDINATOR_ADDRESS')
+  if num_processes is None and 'MIM_NUM_PROCESSES' in env:
+    num_processes = int(env['MIM_NUM_PROCESSES'])
+  if process_id is None and 'MIM_PROCESS_ID' in env:
+    process_id = int(env['MIM_PROCESS_ID'])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError('A coordinator address needs --num_processes and --process_id too.')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=int(env.get('MIM_INIT_TIMEOUT_S', 300)))
+    return
+  if auto is None:
+    auto = (int(env.get('SLURM_NTASKS', '1')) > 1
+            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+  if auto:
+    jax.distributed.initialize()
 
 
 def mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int, int]:

@@ -44,3 +44,45 @@ def summarize(cfg) -> str:
       f'FLOPs per step (batch {cfg.batch_size}): {per_image * cfg.batch_size / 1e12:.3f} TFLOP',
   ]
   return '\n'.join(lines)
+
+
+def _per_device_bytes(abstract_tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings (the largest shard)."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(abstract_tree))
+
+
+def memory_plan(cfg) -> dict[str, float]:
+  """Compiles (without running) the train step on the config's mesh over the visible devices and
+  returns per-device bytes: params, optimizer state, XLA temporaries, and their total."""
+  from mim import sharding, train  # train imports the data stack; keep the table cheap
+  parts = train.build_parts(cfg, total_steps=1000, warmup_steps=100)
+  spec = parts.spec
+  mesh = sharding.make_mesh(cfg.mesh)
+  with sharding.use_mesh(mesh):
+    abstract, shardings = train.state_shardings(parts, mesh)
+    images = jax.ShapeDtypeStruct((cfg.batch_size, spec.image_size, spec.image_size, 3), np.float32,
+                                  sharding=sharding.batch_sharding(mesh))
+    compiled = train.jit_train_step(cfg, parts, mesh, shardings).lower(
+        abstract, {'image': images}).compile()
+  analysis = compiled.memory_analysis()
+  plan = dict(
+      devices=jax.device_count(), mesh=dict(mesh.shape),
+      params=_per_device_bytes(abstract.params), opt_state=_per_device_bytes(abstract.opt_state),
+      batch=_per_device_bytes(images), temporaries=analysis.temp_size_in_bytes,
+      generated_code=analysis.generated_code_size_in_bytes)
+  # The state is donated: its outputs reuse its buffers, so state + batch + temporaries is the peak.
+  plan['total'] = plan['params'] + plan['opt_state'] + plan['batch'] + plan['temporaries']
+  return plan
+
+
+def format_memory_plan(plan: dict) -> str:
+  gib = lambda b: f'{b / 2**30:8.3f} GiB'
+  return '\n'.join([
+      f'memory plan per device (compiled, not run) on {plan["devices"]} devices, mesh {plan["mesh"]}:',
+      f'  params          {gib(plan["params"])}',
+      f'  optimizer state {gib(plan["opt_state"])}',
+      f'  batch           {gib(plan["batch"])}',
+      f'  temporaries     {gib(plan["temporaries"])}',
+      f'  total           {gib(plan["total"])}',
+  ])

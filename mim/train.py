@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import Mesh
 
 import data as data_lib
@@ -88,10 +87,25 @@ def state_shardings(parts: Parts, mesh: Mesh) -> tuple[TrainState, Any]:
   return ckpt_lib.abstract_with_shardings(sharding.strip_boxes(boxed), shardings), shardings
 
 
+def jit_init(parts: Parts, shardings):
+  """rng -> the initial TrainState, created already sharded (never whole on one host)."""
+  return jax.jit(lambda rng: nn.unbox(_init_boxed_state(parts, rng)), out_shardings=shardings)
+
+
 def init_state(parts: Parts, shardings, seed: int) -> TrainState:
-  """The initial state, created already sharded (never whole on one host)."""
-  init = lambda rng: nn.unbox(_init_boxed_state(parts, rng))
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  return jit_init(parts, shardings)(jax.random.key(seed))
+
+
+def params_from(cfg, params, param_shardings):
+  """`params` with the parts found in `cfg.init_from` (any format mim.interop reads) replaced;
+  an encoder-only file keeps the freshly initialized decoder."""
+  from mim import interop  # numpy + safetensors; torch only for .pth files
+  _, loaded = interop.load(cfg.init_from, cfg.model)
+  interop.check_compatible(loaded, params)  # names the tensor and both shapes
+  loaded = jax.device_put(loaded, {k: param_shardings[k] for k in loaded})
+  if jax.process_index() == 0:
+    print(f'Initialized {" and ".join(sorted(loaded))} from {cfg.init_from}.', flush=True)
+  return {**params, **loaded}
 
 
 def make_train_step(cfg, parts: Parts):
@@ -183,21 +197,26 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   with sharding.use_mesh(mesh):
     abstract_state, shardings = state_shardings(parts, mesh)
 
-    # -------------------------------------------------------------- data
-    local_batch = cfg.batch_size // jax.process_count()
-    train_ds = data_lib.build_train_dataset(
-        cfg.data, image_size=spec.image_size, batch_size=local_batch, seed=cfg.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = iter(train_ds)
-
-    # -------------------------------------------------------------- restore or init
+    # -------------------------------------------------------------- restore or init, data
     mngr = ckpt_lib.manager(workdir, cfg.max_to_keep)
     latest = mngr.latest_step()
-    if latest is not None:
-      state = ckpt_lib.restore(mngr, latest, abstract_state, train_iter)
-      logging.info('Resumed from %s at step %d.', mngr.directory, latest)
-    else:
+    fresh_data_position = latest is not None and not ckpt_lib.has_iterator_state(mngr, latest)
+    local_batch = cfg.batch_size // jax.process_count()
+    train_iter = iter(data_lib.build_train_dataset(
+        cfg.data, image_size=spec.image_size, batch_size=local_batch, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_batch=latest if fresh_data_position else 0))
+    if latest is None:
       state = init_state(parts, shardings, cfg.seed)
+      if cfg.init_from:
+        state = state.replace(params=params_from(cfg, state.params, shardings.params))
+    else:
+      state = ckpt_lib.restore(mngr, latest, abstract_state,
+                               None if fresh_data_position else train_iter)
+      if is_main:
+        print(f'Resumed from {mngr.directory}/{latest}'
+              + (' (saved by another process count: the data stream restarts at batch '
+                 f'{latest} of the new layout)' if fresh_data_position else '') + '.', flush=True)
     start_step = int(state.step)
 
     # -------------------------------------------------------------- step functions

@@ -5,7 +5,6 @@ import os
 import pathlib
 import pickle
 
-from absl import flags
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -15,7 +14,6 @@ import tensorflow_datasets as tfds
 import data
 from data import sources
 
-flags.FLAGS.mark_as_parsed()  # grain's mp_prefetch reads absl flags; we are not under absl.app.run.
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -120,6 +118,28 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(tmp_path):
     assert len(p0) == len(p1) == 20 and not p0 & p1  # one of the 41 is left out per epoch
     assert (p0 | p1) <= set(range(41))
   assert not np.array_equal(epochs[0][0], epochs[0][1])  # reshuffled every epoch
+
+
+def test_global_batch_is_the_same_for_any_process_count(tmp_path):
+  """The processes' local batches, in process order, are exactly the one-process global batch."""
+  write_npz(tmp_path / 'train.npz', 41)
+  cfg = make_cfg(name='npz', data_dir=str(tmp_path), train_split='train.npz')
+  single = take(cfg, 6, batch_size=8)
+  for count in (2, 4):
+    parts = [take(cfg, 6, batch_size=8 // count, process_index=p, process_count=count)
+             for p in range(count)]
+    for k in range(6):
+      for key in ('image', 'label'):
+        np.testing.assert_array_equal(np.concatenate([parts[p][k][key] for p in range(count)]),
+                                      single[k][key])
+
+
+def test_start_batch_skips_without_changing_the_stream():
+  cfg = make_cfg()
+  full = take(cfg, 5)
+  later = take(cfg, 2, start_batch=3)
+  for a, b in zip(full[3:], later):
+    np.testing.assert_array_equal(a['image'], b['image'])
 
 
 # ----------------------------------------------------------------------------- npz

@@ -91,25 +91,25 @@ def _load_file(path: str, model_config) -> tuple[ml_collections.ConfigDict, dict
   return cfg, params
 
 
-def save(config: ml_collections.ConfigDict, params: dict[str, Any], format: str, path: str
+def save(config: ml_collections.ConfigDict, params: dict[str, Any], fmt: str, path: str
          ) -> list[str]:
-  """Writes `params` (of the model `config.model`) in `format` (timm | hf | mae); returns the paths."""
-  if format not in FORMATS:
-    raise InteropError(f'Unknown export format {format!r}; choose one of {FORMATS}.')
+  """Writes `params` (of the model `config.model`) in `fmt` (timm | hf | mae); returns the paths."""
+  if fmt not in FORMATS:
+    raise InteropError(f'Unknown export format {fmt!r}; choose one of {FORMATS}.')
   spec = mae.spec_from_config(config.model)
   params = jax.tree.map(np.asarray, params)  # also takes jax arrays, e.g. a TrainState's params
   check_compatible(params, torch_layout.abstract_params(spec))
   base = files.stem(path)
-  if format == 'timm':
+  if fmt == 'timm':
     sd = torch_layout.to_torch({'encoder': params['encoder']}, spec)
     files.write_safetensors(base + '.safetensors', sd)
     files.write_npz(base + '.npz', npz.to_npz(params['encoder'], spec))
     return [base + '.safetensors', base + '.npz']
   if 'decoder' not in params:
-    raise InteropError(f'--export_format={format} needs the MAE decoder, but these weights are '
+    raise InteropError(f'--export_format={fmt} needs the MAE decoder, but these weights are '
                        'encoder-only; use --export_format=timm.')
   sd = torch_layout.to_torch(params, spec)
-  if format == 'hf':
+  if fmt == 'hf':
     os.makedirs(path, exist_ok=True)
     files.write_safetensors(os.path.join(path, HF_WEIGHTS), hf.to_hf(sd))
     files.write_json(os.path.join(path, HF_CONFIG),
@@ -125,15 +125,15 @@ def save(config: ml_collections.ConfigDict, params: dict[str, Any], format: str,
   return written
 
 
-def export(config: ml_collections.ConfigDict, workdir: Optional[str], format: str, path: str
+def export(config: ml_collections.ConfigDict, workdir: Optional[str], fmt: str, path: str
            ) -> list[str]:
-  """`main.py --mode=export`: the workdir's latest checkpoint, else `config.init_from`, to `format`."""
+  """`main.py --mode=export`: the workdir's latest checkpoint, else `config.init_from`, as `fmt`."""
   source = workdir if workdir and ours.find_step_dir(workdir) else config.get('init_from', '')
   if not source:
     raise InteropError(f'Nothing to export: workdir {workdir!r} has no checkpoint and '
                        'config.init_from is empty.')
   cfg, params = load(source, config.model)
-  return save(cfg, params, format, path)
+  return save(cfg, params, fmt, path)
 
 
 def mae_forward(config: ml_collections.ConfigDict, params: dict[str, Any], images: Any, noise: Any

@@ -5,6 +5,7 @@ A file's tensors are classified by their names, whatever the container:
   'hf'        Hugging Face ViTMAE names (`vit.embeddings...`);
   'npz'       big_vision-style `params/embedding/kernel`, ... (what timm's `load_pretrained` reads).
 """
+import argparse
 import json
 import os
 import zipfile
@@ -65,7 +66,10 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
   if path.endswith(TORCH_SUFFIXES):
     torch = _torch()
     try:
-      obj = torch.load(path, map_location='cpu', weights_only=True)
+      # Official training checkpoints also hold the argparse Namespace of the run; allow just that
+      # (weights_only: never unpickle arbitrary objects).
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
       raise not_recognized(path, f'torch.load failed: {e}') from None
     for key in ('model', 'state_dict'):

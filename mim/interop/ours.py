@@ -17,7 +17,9 @@ from mim.interop.torch_layout import InteropError
 
 def _latest_step_dir(checkpoints: str) -> Optional[str]:
   # Orbax renames a step directory to its bare number only once the save is complete.
-  steps = [int(d) for d in os.listdir(checkpoints) if d.isdigit()] if os.path.isdir(checkpoints) else []
+  if not os.path.isdir(checkpoints):
+    return None
+  steps = [int(d) for d in os.listdir(checkpoints) if d.isdigit()]
   return os.path.join(checkpoints, str(max(steps))) if steps else None
 
 
@@ -42,17 +44,21 @@ def update_config(cfg: ml_collections.ConfigDict, values: dict) -> None:
 def read_params(step_dir: str) -> dict:
   """The `params` of the TrainState saved in `step_dir/state`, as host numpy arrays."""
   import orbax.checkpoint as ocp  # the checkpoint stack, only when reading our checkpoints
-  path = os.path.abspath(os.path.join(step_dir, 'state'))
-  with ocp.PyTreeCheckpointer() as ckptr:
-    meta = ckptr.metadata(path).item_metadata
+  from etils import epath
+  path = epath.Path(os.path.abspath(os.path.join(step_dir, 'state')))
+  # The item handler itself: a Checkpointer would warn about the step-level metadata it expects.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(path)
     if 'params' not in meta:
       raise InteropError(f'{path} holds no params (items: {sorted(meta)}).')
     # A partial restore of just the params, as numpy: no optimizer state, no device layout.
     target = {'params': jax.tree.map(lambda m: np.zeros((), m.dtype), meta['params'])}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-  return restored['params']
+    return handler.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))['params']
+  finally:
+    handler.close()
 
 
 def load(step_dir: str) -> tuple[ml_collections.ConfigDict, dict]:

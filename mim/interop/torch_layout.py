@@ -3,8 +3,8 @@
 The official `models_mae.py` and timm's `VisionTransformer` share the encoder names
 (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
 mlp.fc2}`, `norm`); the MAE decoder adds `decoder_embed`, `mask_token`, `decoder_pos_embed`,
-`decoder_blocks.{j}`, `decoder_norm`, `decoder_pred` (interop.md §1, §2, §5). The sin-cos tables are
-constants in our model: export materializes them, import checks them.
+`decoder_blocks.{j}`, `decoder_norm`, `decoder_pred` (interop.md §1, §2, §5). The sin-cos tables
+are constants in our model: export materializes them, import checks them.
 """
 import functools
 import re
@@ -117,7 +117,8 @@ def abstract_params(spec: mae.ModelSpec, with_decoder: bool = True) -> dict:
   model = mae.MAE(spec)
   inputs = (jnp.zeros((1, spec.image_size, spec.image_size, 3)), jnp.zeros((1, 1), jnp.int32),
             jnp.arange(spec.num_patches, dtype=jnp.int32)[None])
-  tree = sharding.strip_boxes(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)['params']))
+  tree = sharding.strip_boxes(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)['params']))
   return tree if with_decoder else {'encoder': tree['encoder']}
 
 
@@ -136,11 +137,13 @@ def to_torch(params: dict, spec: mae.ModelSpec) -> dict[str, Any]:
   return out
 
 
-def torch_shapes(spec: mae.ModelSpec, with_decoder: bool = True) -> dict[str, tuple]:
+def torch_shapes(spec: mae.ModelSpec, with_decoder: bool = True,
+                 abstract: Optional[dict] = None) -> dict[str, tuple]:
   """{official name: shape} of `to_torch`'s output for a model of this spec."""
-  abstract = jax.eval_shape(functools.partial(to_torch, spec=spec),
-                            abstract_params(spec, with_decoder))
-  return {k: tuple(v.shape) for k, v in abstract.items()}
+  if abstract is None:
+    abstract = abstract_params(spec, with_decoder)
+  return {k: tuple(v.shape)
+          for k, v in jax.eval_shape(functools.partial(to_torch, spec=spec), abstract).items()}
 
 
 def check_compatible(params: dict, reference: dict) -> None:
@@ -148,7 +151,8 @@ def check_compatible(params: dict, reference: dict) -> None:
   the model to load into) lacks or shapes differently. Only the parts in `params` are compared, so
   encoder-only weights fit a full model."""
   flat = flax.traverse_util.flatten_dict(params, sep='/')
-  ref = flax.traverse_util.flatten_dict({k: reference[k] for k in params if k in reference}, sep='/')
+  ref = {k: reference[k] for k in params if k in reference}
+  ref = flax.traverse_util.flatten_dict(ref, sep='/')
   missing, unexpected = sorted(ref.keys() - flat.keys()), sorted(flat.keys() - ref.keys())
   if missing or unexpected:
     raise InteropError(f'The weights do not fit the model: missing {missing[:5]}, unexpected '
@@ -159,19 +163,13 @@ def check_compatible(params: dict, reference: dict) -> None:
                          f'{tuple(ref[path].shape)}.')
 
 
-def _shape_error(name: str, got: tuple, want: tuple, names: dict) -> InteropError:
-  shown = names.get(name, name)
-  alias = f' (official name {name!r})' if shown != name else ''
-  return InteropError(f'Tensor {shown!r}{alias} has shape {tuple(got)}, but the model inferred from '
-                      f'the file needs {tuple(want)}.')
-
-
 def from_torch(sd: dict[str, np.ndarray], spec: mae.ModelSpec, with_decoder: bool,
                names: Optional[dict] = None) -> dict:
   """The official state dict -> our params (float32). Every tensor must be present and fit `spec`;
   `names` maps official names to the file's own names for the error messages."""
   names = names or {}
-  want = torch_shapes(spec, with_decoder)
+  abstract = abstract_params(spec, with_decoder)
+  want = torch_shapes(spec, with_decoder, abstract)
   missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
   if missing or unexpected:
     raise InteropError(f'The tensors do not match a {"full MAE" if with_decoder else "ViT encoder"} '
@@ -179,14 +177,16 @@ def from_torch(sd: dict[str, np.ndarray], spec: mae.ModelSpec, with_decoder: boo
                        f'{[names.get(k, k) for k in unexpected]}.')
   for name, shape in want.items():
     if sd[name].shape != shape:
-      raise _shape_error(name, sd[name].shape, shape, names)
+      alias = f' (official name {name!r})' if names.get(name, name) != name else ''
+      raise InteropError(f'Tensor {names.get(name, name)!r}{alias} has shape {sd[name].shape}, but '
+                         f'the model inferred from the file needs {shape}.')
   for name, width in (('pos_embed', spec.width), ('decoder_pos_embed', spec.decoder_width)):
-    if name in sd and not np.allclose(sd[name].astype(np.float32), vit.sincos_table(width, spec.grid),
-                                      atol=POS_TABLE_ATOL):
+    if name in sd and not np.allclose(sd[name].astype(np.float32),
+                                      vit.sincos_table(width, spec.grid), atol=POS_TABLE_ATOL):
       raise InteropError(f'Tensor {names.get(name, name)!r} is not the fixed MAE 2-D sin-cos table; '
-                         'this model has no learned position embedding, so the weights would not mean '
-                         'the same thing here.')
-  abstract = flax.traverse_util.flatten_dict(abstract_params(spec, with_decoder), sep='/')
+                         'this model has no learned position embedding, so the weights would not '
+                         'mean the same thing here.')
+  abstract = flax.traverse_util.flatten_dict(abstract, sep='/')
   flat = {}
   for name, path, kind in rules(spec.depth, spec.decoder_depth if with_decoder else None):
     paths = _flax_paths(path, kind)
@@ -201,13 +201,15 @@ def _count(keys, pattern: str) -> int:
 
 def _heads(width: int, stored: int, hint: Optional[mae.ModelSpec], key: str, table: dict) -> int:
   """Head count: stored with the weights > the caller's config when its width matches > table."""
-  hint_width = getattr(hint, 'decoder_width' if key == 'decoder_heads' else 'width', 0)
-  hint_heads = getattr(hint, key, 0) if hint_width == width else 0
+  width_key = 'decoder_width' if key == 'decoder_heads' else 'width'
+  hint_heads = getattr(hint, key) if getattr(hint, width_key, 0) == width else 0
   heads = stored or hint_heads or table.get(width, 0)
   if not heads:
     raise InteropError(f'The weights do not say how many attention heads their width-{width} layers '
-                       f'have; set model.{key} (e.g. --config.model.{key}=N, or pass model_config '
-                       'to mim.interop.load).')
+                       f'have; give them in the config: --config.model.{width_key}={width} '
+                       f'--config.model.{key}=N (or pass that config.model to mim.interop.load).')
+  if width % heads:
+    raise InteropError(f'model.{key}={heads} does not divide the width {width} of the weights.')
   return heads
 
 
