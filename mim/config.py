@@ -18,6 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 4096             # global, over all devices and processes
+  c.grad_accum_steps = 1          # split each batch into this many sequential micro-batches (memory)
   c.total_epochs = 1600.0
   c.total_steps = 0               # > 0 overrides total_epochs
   c.log_every_steps = 50
@@ -31,7 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
       variant='B',                # ViT preset: Ti, S, B, L, H ('' = give width/depth/num_heads)
       image_size=224, patch_size=16,
       width=0, depth=0, num_heads=0, mlp_dim=0,   # 0 = from the variant (mlp 4x width)
-      decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=0))
+      decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=0,
+      remat=False))               # recompute block activations in the backward pass (memory)
 
   c.masking = ml_collections.ConfigDict(dict(name='random', ratio=0.75))
   c.targets = ml_collections.ConfigDict(dict(name='pixels', norm_pix=True))
@@ -120,6 +122,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f'masking.ratio={cfg.masking.ratio} leaves no visible patch of {spec.num_patches}.')
   _require(cfg.targets.name == 'pixels', f"targets.name={cfg.targets.name!r}: only 'pixels' exists.")
   _require(cfg.batch_size > 0, f'batch_size={cfg.batch_size} must be positive.')
+  _require(cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps == 0,
+           f'grad_accum_steps={cfg.grad_accum_steps} must be >= 1 and divide '
+           f'batch_size={cfg.batch_size}.')
   _require(cfg.total_steps > 0 or cfg.total_epochs > 0,
            'Set total_steps > 0 or total_epochs > 0 (schedule length).')
   for key in ('log_every_steps', 'checkpoint_every_steps'):
@@ -131,9 +136,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def check_batch_divides(batch_size: int, device_count: int, process_count: int) -> None:
+  """`batch_size` is the (micro-)batch one step computes at once: batch_size / grad_accum_steps."""
   _require(batch_size % device_count == 0,
-           f'batch_size={batch_size} is not divisible by the device count {device_count}; '
-           f'use a multiple of {device_count}.')
+           f'batch_size / grad_accum_steps = {batch_size} is not divisible by the device count '
+           f'{device_count}; use a multiple of {device_count}.')
   _require(batch_size % process_count == 0,
            f'batch_size={batch_size} is not divisible by the process count {process_count}.')
 

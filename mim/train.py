@@ -112,20 +112,36 @@ def make_train_step(cfg, parts: Parts):
   model, spec, keep = parts.model, parts.spec, parts.keep
   base_key = jax.random.key(cfg.seed)
   score_fn = masking.get_strategy(cfg.masking.name)
+  accum = cfg.grad_accum_steps
+
+  def loss_fn(params, images, mask: masking.Mask):
+    pred = model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)
+    loss, _ = objectives.pixel_reconstruction_loss(
+        pred, images, mask.mask, patch_size=spec.patch_size, norm_pix=cfg.targets.norm_pix)
+    return loss
+
+  def loss_and_grads(params, images, mask):
+    if accum == 1:
+      return jax.value_and_grad(loss_fn)(params, images, mask)
+    # Micro-batch j holds rows j, j + accum, ...: the reshape stays local to each device's
+    # shard, and the scan keeps only one micro-batch's activations alive. Every sample masks the
+    # same number of patches, so the mean of micro-batch losses is the full-batch loss.
+    split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+
+    def micro_step(total, xs):
+      loss, grads = jax.value_and_grad(loss_fn)(params, *xs)
+      return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(micro_step, zeros, jax.tree.map(split, (images, mask)))
+    return jax.tree.map(lambda x: x / accum, total)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     images = batch['image']
     rng = jax.random.fold_in(base_key, state.step)
     mask = masking.scores_to_mask(
         score_fn(jax.random.fold_in(rng, 0), images.shape[0], spec.num_patches), keep)
-
-    def loss_fn(params):
-      pred = model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)
-      loss, _ = objectives.pixel_reconstruction_loss(
-          pred, images, mask.mask, patch_size=spec.patch_size, norm_pix=cfg.targets.norm_pix)
-      return loss
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = loss_and_grads(state.params, images, mask)
     updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
@@ -181,7 +197,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   """Runs (or resumes) pretraining in `workdir`; returns the final state and metrics."""
   # ---------------------------------------------------------------- checks (before compiling)
   config_lib.validate(cfg)
-  config_lib.check_batch_divides(cfg.batch_size, jax.device_count(), jax.process_count())
+  config_lib.check_batch_divides(cfg.batch_size // cfg.grad_accum_steps, jax.device_count(),
+                                 jax.process_count())
   num_train = data_lib.check_source(cfg.data, cfg.data.train_split)
   total_steps, warmup_steps = schedule_lengths(cfg, num_train)
   parts = build_parts(cfg, total_steps, warmup_steps)

@@ -63,3 +63,15 @@ def test_mesh_shape_fill_and_errors():
     sharding.mesh_shape(sharded_config(2, 3, 1).mesh, 8)
   with pytest.raises(ValueError, match='do not divide'):
     sharding.mesh_shape(sharded_config(3, -1, 1).mesh, 8)
+
+
+def test_grad_accumulation_and_remat_give_the_same_step(single_device):
+  """Micro-batching (grad_accum_steps) and block remat change memory, not the numbers."""
+  ref_losses, ref_params, _ = single_device
+  cfg = sharded_config(8, 1, 1)
+  cfg.grad_accum_steps = 2
+  cfg.model.remat = True
+  losses, params, _ = run_steps(cfg, jax.devices())
+  np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params)
+  assert max(jax.tree.leaves(diffs)) <= 1e-5

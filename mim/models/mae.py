@@ -35,6 +35,7 @@ class ModelSpec:
   decoder_depth: int
   decoder_heads: int
   decoder_mlp_dim: int
+  remat: bool = False
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -59,7 +60,8 @@ def spec_from_config(model_cfg) -> ModelSpec:
       mlp_dim=model_cfg.mlp_dim or 4 * width,
       decoder_width=model_cfg.decoder_width, decoder_depth=model_cfg.decoder_depth,
       decoder_heads=model_cfg.decoder_heads,
-      decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width)
+      decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width,
+      remat=model_cfg.remat)
 
 
 class Decoder(nn.Module):
@@ -69,6 +71,7 @@ class Decoder(nn.Module):
   num_heads: int
   mlp_dim: int
   out_dim: int
+  remat: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, ids_restore: jax.Array) -> jax.Array:
@@ -86,7 +89,7 @@ class Decoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patch_tokens], axis=1) + vit.sincos_table(self.width, (side, side))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     x = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='decoder',
-                        name='Transformer')(x)
+                        remat=self.remat, name='Transformer')(x)
     x = nn.Dense(self.out_dim, name='pred', kernel_init=vit._logical(vit.XAVIER, ('embed', None)),
                  bias_init=nn.initializers.zeros)(x)
     return x[:, 1:]  # the cls output is dropped
@@ -97,9 +100,9 @@ class MAE(nn.Module):
 
   def setup(self):
     s = self.spec
-    self.encoder = vit.Encoder(s.patch_size, s.width, s.depth, s.num_heads, s.mlp_dim)
+    self.encoder = vit.Encoder(s.patch_size, s.width, s.depth, s.num_heads, s.mlp_dim, s.remat)
     self.decoder = Decoder(s.decoder_width, s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
-                           s.patch_dim)
+                           s.patch_dim, s.remat)
 
   def __call__(self, images: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array) -> jax.Array:
     """Normalized images (B,H,W,3) -> predictions (B, L, p*p*3) in patchify order."""

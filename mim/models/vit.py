@@ -134,16 +134,22 @@ class EncoderBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-  """`depth` blocks named `{prefix}block_{i}` and a final LayerNorm `{prefix}_norm`."""
+  """`depth` blocks named `{prefix}block_{i}` and a final LayerNorm `{prefix}_norm`.
+
+  With `remat`, each block's activations are recomputed in the backward pass instead of stored
+  (only block inputs stay live): ~1/3 more compute for a fraction of the activation memory.
+  """
   depth: int
   num_heads: int
   mlp_dim: int
   prefix: str = 'encoder'
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x):
+    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, name=f'{self.prefix}block_{i}')(x)
+      x = block(self.num_heads, self.mlp_dim, name=f'{self.prefix}block_{i}')(x)
     return _layer_norm(name=f'{self.prefix}_norm')(x)
 
 
@@ -179,6 +185,7 @@ class Encoder(nn.Module):
   depth: int
   num_heads: int
   mlp_dim: int
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> jax.Array:
@@ -194,4 +201,4 @@ class Encoder(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls + pos[None, :1], (b, 1, self.width)), x], axis=1)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='encoder',
-                       name='Transformer')(x)
+                       remat=self.remat, name='Transformer')(x)
