@@ -38,8 +38,10 @@ def main(argv):
   from mim import sharding  # after flag parsing: keeps --help fast
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, FLAGS.distributed)
+  from mim import checkpoint
   from mim import config as config_lib
   from mim import interop
+  from mim import train
   import data as data_lib
   cfg = FLAGS.config
   try:
@@ -58,9 +60,9 @@ def main(argv):
       return
     if not FLAGS.workdir:
       raise config_lib.ConfigError('--workdir is required for --mode=train.')
-    from mim import train
     train.train(cfg, FLAGS.workdir)
-  except (config_lib.ConfigError, data_lib.DataError, interop.InteropError) as e:
+  except (config_lib.ConfigError, data_lib.DataError, interop.InteropError,
+          checkpoint.CheckpointError, train.TrainingStopped) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

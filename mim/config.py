@@ -24,8 +24,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.reconstruction_every_steps = 0   # 0 = only at the end
-  c.max_to_keep = 3
+  c.max_to_keep = 3               # most recent checkpoints kept
+  c.keep_every_steps = 0          # > 0: also keep every checkpoint at a multiple of this step
+  c.nan_policy = 'stop'           # NaN/Inf loss or gradients: 'stop' (clear error) or 'skip' the update
   c.init_from = ''                # weights to start from when the workdir has no checkpoint
+  c.init_from_state = False       # with init_from = one of our runs: its full state, not only params
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = from the device table (mim/flops.py)
 
   c.model = ml_collections.ConfigDict(dict(
@@ -42,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
       base_lr=1.5e-4,             # lr = base_lr * batch_size / 256
       min_lr=0.0,
       warmup_epochs=40.0,
-      warmup_steps=0,             # > 0 overrides warmup_epochs
+      warmup_steps=-1,            # >= 0 overrides warmup_epochs
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.05,
       # Decayed parameters, by path regex. The official MAE decays every tensor with ndim >= 2
@@ -130,6 +133,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ('log_every_steps', 'checkpoint_every_steps'):
     _require(cfg[key] > 0, f'{key}={cfg[key]} must be positive.')
   _require(cfg.data.max_skipped_fraction >= 0, 'data.max_skipped_fraction must be >= 0.')
+  _require(cfg.nan_policy in ('stop', 'skip'),
+           f"nan_policy={cfg.nan_policy!r} must be 'stop' or 'skip'.")
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   _require(sum(s == -1 for s in sizes) <= 1 and all(s == -1 or s > 0 for s in sizes),
            f'mesh sizes (data, fsdp, tensor)={tuple(sizes)}: each must be positive, at most one -1.')

@@ -21,12 +21,21 @@ class MetricWriter:
   every process but 0 of a multi-host run) nothing is created and every method is a no-op.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    """`resume_step`: the checkpoint a run resumes from; JSONL rows logged after it (by the
+    interrupted run, before it died) are dropped, since the resumed run logs those steps again."""
     self._enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)  # atomic: a crash here leaves the old or the new file
+    self._jsonl = open(path, "a")
     self._events = EventFileWriter(workdir)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -41,6 +50,12 @@ class MetricWriter:
         value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
     self._events.flush()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def close(self) -> None:
     if not self._enabled:

@@ -25,6 +25,7 @@ from mim import masking
 from mim import metrics as metrics_lib
 from mim import objectives
 from mim import optim
+from mim import preemption
 from mim import sharding
 from mim.evaluate import knn as knn_lib
 from mim.evaluate import reconstruction
@@ -37,6 +38,12 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  skipped_examples: jax.Array   # unreadable records replaced so far (all processes)
+  nonfinite_updates: jax.Array  # steps whose loss or gradients were NaN/Inf (update not applied)
+
+
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (NaN/Inf under nan_policy='stop'); the message names the step."""
 
 
 class Parts(NamedTuple):
@@ -59,7 +66,8 @@ def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int]:
   """(total_steps, warmup_steps); explicit step counts override epochs."""
   steps_per_epoch = max(num_train_examples // cfg.batch_size, 1)
   total = cfg.total_steps or int(round(cfg.total_epochs * steps_per_epoch))
-  warmup = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+  warmup = (cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0
+            else int(round(cfg.optim.warmup_epochs * steps_per_epoch)))
   return total, min(warmup, total)
 
 
@@ -76,7 +84,9 @@ def init_params(parts: Parts, rng: jax.Array):
 
 def _init_boxed_state(parts: Parts, rng: jax.Array) -> TrainState:
   params = init_params(parts, rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=parts.tx.init(params))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=parts.tx.init(params),
+                    skipped_examples=zero, nonfinite_updates=zero)
 
 
 def state_shardings(parts: Parts, mesh: Mesh) -> tuple[TrainState, Any]:
@@ -142,10 +152,20 @@ def make_train_step(cfg, parts: Parts):
     mask = masking.scores_to_mask(
         score_fn(jax.random.fold_in(rng, 0), images.shape[0], spec.num_patches), keep)
     loss, grads = loss_and_grads(state.params, images, mask)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state)
-    return new_state, dict(loss=loss, lr=parts.schedule(state.step), grad_norm=optax.tree.norm(grads))
+    # A NaN/Inf step never reaches the state: its update is dropped (and counted) here; the host
+    # stops the run or goes on according to nan_policy.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        skipped_examples=state.skipped_examples + jnp.sum(batch.get('skipped', 0)),
+        nonfinite_updates=state.nonfinite_updates + (~finite).astype(jnp.int32))
+    return new_state, dict(loss=loss, lr=parts.schedule(state.step), grad_norm=grad_norm,
+                           finite=finite)
 
   return train_step
 
@@ -193,8 +213,34 @@ def _format_eta(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
+def initial_state(cfg, parts: Parts, shardings, abstract_state, make_data_iter):
+  """(state, data iterator) for a workdir without checkpoints: fresh, or from `init_from`
+  (its params; with `init_from_state`, the newest full train state and data position)."""
+  if cfg.init_from and cfg.init_from_state:
+    from mim.interop import ours
+    step_dir = ours.find_step_dir(cfg.init_from)
+    if step_dir is None:
+      raise ckpt_lib.CheckpointError(
+          f'init_from={cfg.init_from!r} holds no checkpoint of ours; init_from_state=True needs '
+          'a workdir or its checkpoints/ directory (other formats carry params only).')
+    source = ckpt_lib.manager(os.path.dirname(step_dir))
+    step, state, data_iter, _ = ckpt_lib.restore_latest(source, abstract_state, make_data_iter,
+                                                        set_aside=False)
+    if step is None:
+      raise ckpt_lib.CheckpointError(f'No checkpoint to start from in {source.directory}.')
+    if jax.process_index() == 0:
+      print(f'Initialized the full train state from {source.directory}/{step}.', flush=True)
+    return state, data_iter
+  state = init_state(parts, shardings, cfg.seed)
+  if cfg.init_from:
+    state = state.replace(params=params_from(cfg, state.params, shardings.params))
+  return state, make_data_iter(0)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict[str, float]]:
-  """Runs (or resumes) pretraining in `workdir`; returns the final state and metrics."""
+  """Runs (or resumes) pretraining in `workdir`; returns the final state and metrics.
+
+  SIGTERM/SIGINT end the run after the current step with a checkpoint (a normal return)."""
   # ---------------------------------------------------------------- checks (before compiling)
   config_lib.validate(cfg)
   config_lib.check_batch_divides(cfg.batch_size // cfg.grad_accum_steps, jax.device_count(),
@@ -215,25 +261,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
     abstract_state, shardings = state_shardings(parts, mesh)
 
     # -------------------------------------------------------------- restore or init, data
-    mngr = ckpt_lib.manager(workdir, cfg.max_to_keep)
-    latest = mngr.latest_step()
-    fresh_data_position = latest is not None and not ckpt_lib.has_iterator_state(mngr, latest)
-    local_batch = cfg.batch_size // jax.process_count()
-    train_iter = iter(data_lib.build_train_dataset(
-        cfg.data, image_size=spec.image_size, batch_size=local_batch, seed=cfg.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        start_batch=latest if fresh_data_position else 0))
+    def make_data_iter(start_batch: int):
+      return iter(data_lib.build_train_dataset(
+          cfg.data, image_size=spec.image_size, batch_size=cfg.batch_size // jax.process_count(),
+          seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+          start_batch=start_batch))
+
+    mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), cfg.max_to_keep,
+                            cfg.keep_every_steps)
+    latest, state, train_iter, iter_restored = ckpt_lib.restore_latest(
+        mngr, abstract_state, make_data_iter)
     if latest is None:
-      state = init_state(parts, shardings, cfg.seed)
-      if cfg.init_from:
-        state = state.replace(params=params_from(cfg, state.params, shardings.params))
-    else:
-      state = ckpt_lib.restore(mngr, latest, abstract_state,
-                               None if fresh_data_position else train_iter)
-      if is_main:
-        print(f'Resumed from {mngr.directory}/{latest}'
-              + (' (saved by another process count: the data stream restarts at batch '
-                 f'{latest} of the new layout)' if fresh_data_position else '') + '.', flush=True)
+      state, train_iter = initial_state(cfg, parts, shardings, abstract_state, make_data_iter)
+    elif is_main:
+      print(f'Resumed from {mngr.directory}/{latest}'
+            + ('' if iter_restored else ' (saved by another process count: the data stream '
+               f'restarts at batch {latest} of the new layout)') + '.', flush=True)
     start_step = int(state.step)
 
     # -------------------------------------------------------------- step functions
@@ -256,65 +299,92 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
           path, vis_images, np.asarray(pred), np.asarray(mask), patch_size=spec.patch_size,
           mean=cfg.data.mean, std=cfg.data.std, norm_pix=cfg.targets.norm_pix)
 
+    def check_pending(pending: list) -> dict[str, float]:
+      """Host-side checks of the (step, metrics) since the last call and of the state's
+      counters; returns the newest step's metrics."""
+      host = jax.device_get(pending)
+      for step_number, m in host:
+        if not m['finite'] and cfg.nan_policy == 'stop':
+          raise TrainingStopped(
+              f'The loss or gradients became NaN/Inf at step {step_number} (loss '
+              f'{float(m["loss"])}, grad norm {float(m["grad_norm"])}). That update was not applied '
+              f'and nothing after it is saved; the last good checkpoint is step '
+              f'{mngr.latest_step()} in {mngr.directory}. Lower optim.base_lr, set '
+              'optim.grad_clip_norm, or use --config.nan_policy=skip to skip such updates.')
+      step_number, newest = host[-1]
+      last = {k: float(v) for k, v in newest.items() if k != 'finite'}
+      last['skipped_examples'], last['nonfinite_updates'] = map(
+          int, jax.device_get((state.skipped_examples, state.nonfinite_updates)))
+      seen = step_number * cfg.batch_size
+      if last['skipped_examples'] > cfg.data.max_skipped_fraction * seen:
+        raise data_lib.DataError(
+            f'{last["skipped_examples"]} unreadable examples skipped out of {seen} read by '
+            f'step {step_number}, more than data.max_skipped_fraction='
+            f'{cfg.data.max_skipped_fraction}. Check the warnings naming the files, fix or remove '
+            'them, or raise the threshold.')
+      return last
+
     # -------------------------------------------------------------- loop
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=latest)
     flops_per_step = flops_lib.mae_train_flops_per_image(spec, parts.keep) * cfg.batch_size
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
-    pending, skipped_total, seen_total = [], 0, 0
+    pending: list = []
     t_last, step_last, t_start = time.perf_counter(), start_step, time.perf_counter()
     last_metrics: dict[str, float] = {}
     if is_main:
       print(f'Training {total_steps} steps (warmup {warmup_steps}) of batch {cfg.batch_size} on '
             f'{jax.device_count()} device(s), mesh {dict(mesh.shape)}; starting at step {start_step}.',
             flush=True)
-    for step in range(start_step + 1, total_steps + 1):
-      local = next(train_iter)
-      skipped_total += int(local['skipped'].sum())
-      seen_total += len(local['skipped'])
-      if skipped_total > cfg.data.max_skipped_fraction * seen_total and skipped_total > 0:
-        raise data_lib.DataError(
-            f'{skipped_total} unreadable examples skipped out of {seen_total} read by step {step}, '
-            f'more than data.max_skipped_fraction={cfg.data.max_skipped_fraction}. Check the data '
-            'warnings above, fix or remove the files, or raise the threshold.')
-      batch = sharding.global_batch({'image': local['image']}, batch_sharding)
-      state, step_metrics = train_step(state, batch)
-      pending.append(step_metrics)
+    # Closing the manager waits for in-flight async saves, also when an error ends the run.
+    with preemption.StopRequest() as stop, mngr, writer:
+      for step in range(start_step + 1, total_steps + 1):
+        local = next(train_iter)
+        batch = sharding.global_batch({'image': local['image'], 'skipped': local['skipped']},
+                                      batch_sharding)
+        state, step_metrics = train_step(state, batch)
+        pending.append((step, step_metrics))
+        stopping = stop.requested()
+        log_now = step % cfg.log_every_steps == 0 or step == total_steps or stopping
+        save_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping
+        if not (log_now or save_now):
+          continue
+        # Logged values are the step's own (not window means), so a resumed run logs the
+        # same sequence as one that never stopped.
+        last_metrics, pending = check_pending(pending), []
+        if log_now:
+          now = time.perf_counter()
+          sec_per_step = (now - t_last) / (step - step_last)
+          last_metrics.update(sec_per_step=sec_per_step, img_per_sec=cfg.batch_size / sec_per_step,
+                              gflops_per_sec=flops_per_step / sec_per_step / 1e9)
+          if peak:
+            last_metrics['mfu'] = flops_per_step / sec_per_step / (peak * jax.device_count())
+          writer.write(step, last_metrics)
+          if is_main:
+            print(f'step {step}/{total_steps} | loss {last_metrics["loss"]:.4f} | '
+                  f'lr {last_metrics["lr"]:.2e} | {last_metrics["img_per_sec"]:.1f} img/s | '
+                  f'{last_metrics["gflops_per_sec"]:.1f} GFLOP/s'
+                  + (f' | MFU {100 * last_metrics["mfu"]:.1f}%' if peak else '')
+                  + f' | ETA {_format_eta(sec_per_step * (total_steps - step))}', flush=True)
+          t_last, step_last = now, step
+        if cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0:
+          save_reconstructions(step)
+        if save_now:
+          ckpt_lib.save(mngr, step, state, train_iter, cfg.to_dict())
+        if stopping:
+          mngr.wait_until_finished()
+          if is_main:
+            print(f'Stopped by {stop.signal_name or "a signal on another process"} after step '
+                  f'{step}; checkpoint saved in {mngr.directory}/{step}. Rerun the same command '
+                  'to resume.', flush=True)
+          break
 
-      if step % cfg.log_every_steps == 0 or step == total_steps:
-        host = jax.device_get(pending)  # one host sync per log interval
-        last_metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        now = time.perf_counter()
-        sec_per_step = (now - t_last) / (step - step_last)
-        last_metrics.update(
-            sec_per_step=sec_per_step, img_per_sec=cfg.batch_size / sec_per_step,
-            gflops_per_sec=flops_per_step / sec_per_step / 1e9, skipped_examples=skipped_total)
-        if peak:
-          last_metrics['mfu'] = flops_per_step / sec_per_step / (peak * jax.device_count())
-        writer.write(step, last_metrics)
-        if is_main:
-          eta = _format_eta(sec_per_step * (total_steps - step))
-          print(f'step {step}/{total_steps} | loss {last_metrics["loss"]:.4f} | '
-                f'lr {last_metrics["lr"]:.2e} | {last_metrics["img_per_sec"]:.1f} img/s | '
-                f'{last_metrics["gflops_per_sec"]:.1f} GFLOP/s'
-                + (f' | MFU {100 * last_metrics["mfu"]:.1f}%' if peak else '') + f' | ETA {eta}',
-                flush=True)
-        pending, t_last, step_last = [], now, step
-      if cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0:
-        save_reconstructions(step)
-      if step % cfg.checkpoint_every_steps == 0 and step != total_steps:
-        ckpt_lib.save(mngr, step, state, train_iter)
-
-    # -------------------------------------------------------------- final save and evaluation
-    if mngr.latest_step() != total_steps:
-      ckpt_lib.save(mngr, total_steps, state, train_iter)
-    save_reconstructions(total_steps)
-    if cfg.eval.knn:
-      last_metrics.update(knn_evaluation(cfg, parts, state.params))
-      writer.write(total_steps, {k: v for k, v in last_metrics.items() if k.startswith('knn')})
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-    if is_main:
+      # ------------------------------------------------------------ final evaluation
+      if int(state.step) == total_steps and start_step < total_steps:
+        save_reconstructions(total_steps)
+        if cfg.eval.knn:
+          last_metrics.update(knn_evaluation(cfg, parts, state.params))
+          writer.write(total_steps, {k: v for k, v in last_metrics.items() if k.startswith('knn')})
+    if is_main and int(state.step) == total_steps:
       print(f'Done in {_format_eta(time.perf_counter() - t_start)}; workdir {workdir}', flush=True)
   return state, last_metrics
 

@@ -157,9 +157,10 @@ def workdir(tiny, tmp_path_factory):
       mesh, jax.P('d') if x.ndim and x.shape[0] % jax.device_count() == 0 else jax.P()))
   sharded = jax.tree.map(put, params)
   state = train.TrainState(step=jnp.array(7), params=sharded,
-                           opt_state=optax.adamw(1e-3).init(sharded))
-  mngr = ckpt_lib.manager(wd, max_to_keep=2)
-  ckpt_lib.save(mngr, 7, state, iter(grain.MapDataset.range(4).to_iter_dataset()))
+                           opt_state=optax.adamw(1e-3).init(sharded),
+                           skipped_examples=jnp.array(0), nonfinite_updates=jnp.array(0))
+  mngr = ckpt_lib.manager(os.path.join(wd, 'checkpoints'), max_to_keep=2)
+  ckpt_lib.save(mngr, 7, state, iter(grain.MapDataset.range(4).to_iter_dataset()), cfg.to_dict())
   mngr.wait_until_finished()
   mngr.close()
   return wd

@@ -1,0 +1,41 @@
+"""SIGTERM / SIGINT become a request to stop cleanly: finish the step, save, exit 0.
+
+Schedulers (TPU maintenance, SLURM preemption, Kubernetes) send SIGTERM some seconds before
+killing a job. A second SIGINT (Ctrl-C twice) interrupts at once.
+"""
+import signal
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+import jax
+
+
+class StopRequest:
+  """Context manager that records SIGTERM/SIGINT and restores the previous handlers on exit."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+
+  def requested(self) -> bool:
+    """True on every process once any process got a signal (all must save together)."""
+    local = self.signal_name is not None
+    if jax.process_count() == 1:
+      return local
+    return bool(np.any(multihost_utils.process_allgather(np.array(local))))

@@ -1,0 +1,51 @@
+"""Runs main.py in subprocesses (real processes for kill/preemption and multi-host tests)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 420
+# A tiny MAE on the embedded digits: each step takes milliseconds, compiling a few seconds.
+TINY = [
+    '--config.batch_size=16', '--config.log_every_steps=1', '--config.reconstruction_every_steps=0',
+    '--config.eval.knn=False', '--config.eval.num_reconstructions=4',
+    '--config.optim.warmup_steps=1', '--config.model.image_size=16', '--config.model.patch_size=4',
+    '--config.model.width=32', '--config.model.depth=2', '--config.model.num_heads=2',
+    '--config.model.decoder_width=16', '--config.model.decoder_depth=1',
+    '--config.model.decoder_heads=2',
+]
+
+
+def launch(workdir, *args, devices: int = 1, env=None) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             MIM_INIT_TIMEOUT_S='120', **(env or {}))
+  cmd = [sys.executable, 'main.py', '--config=configs/demo.py', f'--workdir={workdir}', *TINY,
+         *args]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
+  try:
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, _ = proc.communicate()
+    pytest.fail(f'process timed out:\n{out[-3000:]}')
+  assert proc.returncode == expect_rc, out[-3000:]
+  return out
+
+
+def run(workdir, *args, devices: int = 1, expect_rc: int = 0) -> str:
+  return finish(launch(workdir, *args, devices=devices), expect_rc)
+
+
+def metrics(workdir) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith('\n')]
