@@ -5,10 +5,9 @@ killing a job. A second SIGINT (Ctrl-C twice) interrupts at once.
 """
 import signal
 
+import jax
 import numpy as np
 from jax.experimental import multihost_utils
-
-import jax
 
 
 class StopRequest:

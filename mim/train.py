@@ -191,10 +191,12 @@ def make_predict_fn(cfg, parts: Parts):
   return predict
 
 
-def make_feature_fn(model: mae.MAE, batch: int = 256):
+def make_feature_fn(model: mae.MAE, mesh: Mesh, batch: int = 256):
   """(params, images) -> mean of the encoder's patch tokens (all patches, no masking) after the
-  final norm, computed in fixed-size batches (the last one padded) so it compiles once."""
-  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=mae.MAE.encode)[:, 1:].mean(1))
+  final norm, computed in fixed-size batches (the last one padded) so it compiles once. The
+  features come back replicated, so every process can read them."""
+  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=mae.MAE.encode)[:, 1:].mean(1),
+                   out_shardings=sharding.replicated(mesh))
 
   def features(params, images: np.ndarray) -> np.ndarray:
     out = []
@@ -341,6 +343,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
         local = next(train_iter)
         batch = sharding.global_batch({'image': local['image'], 'skipped': local['skipped']},
                                       batch_sharding)
+        if batch['image'].shape[0] != cfg.batch_size:
+          raise data_lib.DataError(f'The global batch has {batch["image"].shape[0]} examples, '
+                                   f'not batch_size={cfg.batch_size}: processes read unequal shards.')
         state, step_metrics = train_step(state, batch)
         pending.append((step, step_metrics))
         stopping = stop.requested()
@@ -382,14 +387,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
       if int(state.step) == total_steps and start_step < total_steps:
         save_reconstructions(total_steps)
         if cfg.eval.knn:
-          last_metrics.update(knn_evaluation(cfg, parts, state.params))
+          last_metrics.update(knn_evaluation(cfg, parts, state.params, shardings.params,
+                                            mesh))
           writer.write(total_steps, {k: v for k, v in last_metrics.items() if k.startswith('knn')})
     if is_main and int(state.step) == total_steps:
       print(f'Done in {_format_eta(time.perf_counter() - t_start)}; workdir {workdir}', flush=True)
   return state, last_metrics
 
 
-def knn_evaluation(cfg, parts: Parts, params) -> dict[str, float]:
+def knn_evaluation(cfg, parts: Parts, params, param_shardings, mesh: Mesh) -> dict[str, float]:
   """kNN accuracy on the eval split of the pretrained encoder and of a random-init one."""
   spec = parts.spec
   train_x, train_y = data_lib.load_eval_split(cfg.data, cfg.data.train_split,
@@ -398,8 +404,9 @@ def knn_evaluation(cfg, parts: Parts, params) -> dict[str, float]:
   test_x, test_y = data_lib.load_eval_split(cfg.data, cfg.data.eval_split,
                                             image_size=spec.image_size,
                                             max_examples=cfg.eval.knn_max_test)
-  random_params = nn.unbox(init_params(parts, jax.random.key(cfg.seed + 12345)))
-  features = make_feature_fn(parts.model)
+  random_params = jax.jit(lambda rng: nn.unbox(init_params(parts, rng)),
+                          out_shardings=param_shardings)(jax.random.key(cfg.seed + 12345))
+  features = make_feature_fn(parts.model, mesh)
   result = {}
   for name, p in (('pretrained', params), ('random_init', random_params)):
     acc = knn_lib.knn_accuracy(features(p, train_x), train_y, features(p, test_x), test_y, k=cfg.eval.knn_k)

@@ -11,7 +11,7 @@ from mim import interop
 from tests import launch
 
 SHARDED = ['--config.total_steps=3', '--config.checkpoint_every_steps=3',
-           '--config.mesh.data=2', '--config.mesh.fsdp=-1']
+           '--config.mesh.data=2', '--config.mesh.fsdp=-1', '--config.eval.knn=True']
 
 
 def free_port() -> int:
@@ -51,6 +51,8 @@ def test_two_processes_match_one(runs):
 def test_only_process_zero_writes(runs):
   _, multi, outs = runs
   assert 'step 3/3' in outs[0] and 'step 3/3' not in outs[1]
+  assert 'kNN accuracy' in outs[0] and 'kNN accuracy' not in outs[1]   # computed by both
+  assert os.listdir(os.path.join(multi, 'reconstructions')) == ['step_0000003.png']
   assert len([f for f in os.listdir(multi) if f.startswith('events.out')]) == 1
 
 
