@@ -4,8 +4,10 @@ Command:
   python main.py --config=configs/cifar10.py --workdir=W --config.data.data_dir=PATH/cifar10
 Data: `images` (N,32,32,3) uint8 and `labels` in train_*.npz (train) and test.npz (held out).
 Model: ViT 192 wide x 6 blocks (3 heads), patch 4 (64 patches, 16 visible), decoder 128x2.
-Cost: COST_PLACEHOLDER
-Expected: RESULT_PLACEHOLDER
+Cost: 3.1M trainable parameters, 0.45 GFLOP per image per step (analytic); 2000 steps of batch
+  128 (12.8 epochs of 20k images) took 46 minutes on 2 busy CPU cores (~100 img/s).
+Expected (measured 2026-11-23 on the 20k subset): loss 1.12 at step 50 -> 0.44 at step 2000;
+  kNN (k=20) on the 10k test images 42.2% pretrained vs 29.6% for a random-init encoder.
 """
 from mim import config as config_lib
 

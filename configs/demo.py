@@ -7,10 +7,10 @@ Data: the 1797 8x8 digits shipped in scikit-learn (1437 train / 360 held out), u
 Model: ViT 128 wide x 6 blocks (4 heads), patch 8 (16 patches, 4 visible), decoder 64x2.
   Few, large patches make the 75% masking task need the digit's shape, not local interpolation.
 Cost: 1.3M trainable parameters, 0.05 GFLOP per image per step; 600 steps of batch 128
-  (53 epochs) take about 2-3 minutes on 2 CPU cores.
-Expected: the loss falls from ~1.8 to ~0.60; the final kNN accuracy (k=20) on the 360 held-out
-  digits is ~79% for the pretrained encoder vs ~53% for a randomly initialized one
-  (measured 78.9% vs 53.3%).
+  (53 epochs) train in 1.5 minutes on 2 CPU cores (2 minutes with the install, fresh clone).
+Expected (measured 2026-11-23, deterministic): loss 0.87 at step 50 -> 0.59 at step 600; kNN
+  accuracy (k=20) on the 360 held-out digits 78.9% for the pretrained encoder vs 53.3% for a
+  randomly initialized one.
 """
 from mim import config as config_lib
 
