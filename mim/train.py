@@ -371,7 +371,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
                   + (f' | MFU {100 * last_metrics["mfu"]:.1f}%' if peak else '')
                   + f' | ETA {_format_eta(sec_per_step * (total_steps - step))}', flush=True)
           t_last, step_last = now, step
-        if cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0:
+        if (cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0
+            and step != total_steps):  # the final grid is drawn after the loop
           save_reconstructions(step)
         if save_now:
           ckpt_lib.save(mngr, step, state, train_iter, cfg.to_dict())
