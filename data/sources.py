@@ -245,9 +245,13 @@ def _tfds(name: str, data_dir: str, split: str) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
   from etils import epath  # pylint: disable=g-import-not-at-top  (comes with tfds)
   how = (f'Prepare it as ArrayRecord (no TensorFlow is needed to read it), e.g. place the manual '
-         f'download and run `tfds build {name} --data_dir={data_dir} --file_format=array_record`, '
+         f'download and run `tfds build {name} --data_dir={data_dir or "TFDS_DATA_DIR"} '
+         '--file_format=array_record`, then pass --config.data.data_dir=TFDS_DATA_DIR; '
          f'or convert a TFRecord copy with `tfds convert_format --out_file_format=array_record`')
-  if not data_dir or not epath.Path(data_dir).is_dir():  # epath: gs:// works too
+  if not data_dir:
+    raise DataError(f'config.data.data_dir is not set: TFDS dataset {name!r} needs the directory '
+                    f'that holds its ArrayRecord build. {how}')
+  if not epath.Path(data_dir).is_dir():  # epath: gs:// works too
     raise DataError(f'TFDS data_dir {data_dir!r} (config.data.data_dir) does not exist. {how}')
   try:
     builder = tfds.builder(name, data_dir=data_dir)
