@@ -1,4 +1,4 @@
-"""Entry point: python main.py --config=configs/demo.py --workdir=W [--mode=train|summary].
+"""Entry point: python main.py --config=configs/demo.py --workdir=W [--mode=train|summary|export].
 
 Export weights for PyTorch (timm, Hugging Face ViTMAE, official MAE; see mim/interop):
   python main.py --mode=export --workdir=W --export_format=timm|hf|mae --export_path=P
