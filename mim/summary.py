@@ -1,5 +1,4 @@
 """`--mode=summary`: the parameter table, the trainable count and analytic FLOPs."""
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -19,12 +18,7 @@ def param_table(params) -> list[tuple[str, tuple[int, ...], int]]:
 def summarize(cfg) -> str:
   spec = mae.spec_from_config(cfg.model)
   keep = masking.num_keep(spec.num_patches, cfg.masking.ratio)
-  model = mae.MAE(spec)
-  images = jax.ShapeDtypeStruct((1, spec.image_size, spec.image_size, 3), np.float32)
-  ids_keep = jax.ShapeDtypeStruct((1, keep), np.int32)
-  ids_restore = jax.ShapeDtypeStruct((1, spec.num_patches), np.int32)
-  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images, ids_keep,
-                                   ids_restore)['params'])
+  params = mae.abstract_params(spec)
   rows = param_table(params)
   width = max(len(r[0]) for r in rows)
   lines = [f'{"parameter":<{width}}  {"shape":<20} {"count":>12}']

@@ -71,15 +71,9 @@ def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int]:
   return total, min(warmup, total)
 
 
-def dummy_inputs(spec: mae.ModelSpec, keep: int, batch: int = 1):
-  return (jnp.zeros((batch, spec.image_size, spec.image_size, 3), jnp.float32),
-          jnp.zeros((batch, keep), jnp.int32),
-          jnp.tile(jnp.arange(spec.num_patches, dtype=jnp.int32)[None], (batch, 1)))
-
-
 def init_params(parts: Parts, rng: jax.Array):
   """Freshly initialized params, still in their logical-partitioning boxes."""
-  return parts.model.init(rng, *dummy_inputs(parts.spec, parts.keep))['params']
+  return parts.model.init(rng, *mae.example_inputs(parts.spec, parts.keep))['params']
 
 
 def _init_boxed_state(parts: Parts, rng: jax.Array) -> TrainState:

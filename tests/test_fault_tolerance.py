@@ -2,13 +2,11 @@
 restore across device counts and survive corruption, NaN policies, bad data is skipped."""
 import os
 import random
-import shutil
 import signal
 import time
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from mim import interop

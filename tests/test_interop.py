@@ -45,7 +45,7 @@ def tiny():
   swapped or mis-transposed tensor changes the outputs."""
   cfg = tiny_config()
   spec = mae.spec_from_config(cfg.model)
-  variables = mae.MAE(spec).init(jax.random.key(0), *train.dummy_inputs(spec, keep=16))
+  variables = mae.MAE(spec).init(jax.random.key(0), *mae.example_inputs(spec, keep=16))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: (np.asarray(x) + rng.normal(0, 0.05, x.shape)).astype(np.float32),
                         nn.unbox(variables['params']))

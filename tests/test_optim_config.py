@@ -4,7 +4,6 @@ import math
 import jax
 import numpy as np
 import pytest
-from ml_collections import config_flags  # noqa: F401  (ensures ml_collections is importable)
 
 from mim import config as config_lib
 from mim import optim

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim import sharding
 from mim.models import mae
 from mim.models import vit
 
@@ -114,11 +113,7 @@ def _from_torch(kind: str, t: np.ndarray, shape: tuple) -> list[np.ndarray]:
 
 def abstract_params(spec: mae.ModelSpec, with_decoder: bool = True) -> dict:
   """The model's parameter shapes (ShapeDtypeStructs), without allocating anything."""
-  model = mae.MAE(spec)
-  inputs = (jnp.zeros((1, spec.image_size, spec.image_size, 3)), jnp.zeros((1, 1), jnp.int32),
-            jnp.arange(spec.num_patches, dtype=jnp.int32)[None])
-  tree = sharding.strip_boxes(
-      jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)['params']))
+  tree = mae.abstract_params(spec)
   return tree if with_decoder else {'encoder': tree['encoder']}
 
 

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mim import sharding
 from mim.models import vit
 
 # ViT presets: (width, depth, heads); MLP is 4x width.
@@ -62,6 +63,20 @@ def spec_from_config(model_cfg) -> ModelSpec:
       decoder_heads=model_cfg.decoder_heads,
       decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width,
       remat=model_cfg.remat)
+
+
+def example_inputs(spec: ModelSpec, keep: int = 1, batch: int = 1):
+  """(images, ids_keep, ids_restore) placeholders to initialize the model with; the parameter
+  shapes do not depend on `keep` or `batch`."""
+  return (jnp.zeros((batch, spec.image_size, spec.image_size, 3), jnp.float32),
+          jnp.zeros((batch, keep), jnp.int32),
+          jnp.tile(jnp.arange(spec.num_patches, dtype=jnp.int32)[None], (batch, 1)))
+
+
+def abstract_params(spec: ModelSpec) -> dict:
+  """The parameter tree as ShapeDtypeStructs (nothing allocated, no sharding constraints)."""
+  boxed = jax.eval_shape(lambda: MAE(spec).init(jax.random.key(0), *example_inputs(spec)))
+  return sharding.strip_boxes(boxed['params'])
 
 
 class Decoder(nn.Module):
