@@ -12,7 +12,8 @@ def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
                         start_batch: int = 0) -> grain.IterDataset:
   """Infinite stream of this process's batches of normalized f32 'image' (b, S, S, 3) and i32
-  'label' and 'skipped' (b,), where skipped counts the unreadable records replaced by the example.
+  'label' and 'skipped' (b,), where skipped is 1 for an example that stands in for an unreadable
+  record.
 
   Every epoch is a new global shuffle cut into global batches of b * process_count positions;
   process p reads the p-th slice of b positions of each (the remainder of an epoch that does not

@@ -1,8 +1,9 @@
 """Random-access data sources (digits, npz, image folder, TFDS ArrayRecord), one record format.
 
 Every source yields {'image': uint8 (H, W, 3), 'label': int32, 'skipped': int32}. A record that
-cannot be read is replaced by the next readable one and 'skipped' counts the records jumped over,
-so one bad file in a million never stops a run; the trainer decides how many skips are too many.
+cannot be read is replaced by the next readable one and 'skipped' is 1 for such a stand-in (once
+per replaced example, however many bad records the search passed), so one bad file in a million
+never stops a run; the trainer decides how many replaced examples are too many.
 """
 import glob
 import os
@@ -64,7 +65,7 @@ class Source:
         logging.warning('Skipping unreadable %s: %s: %s', self._describe(i), type(e).__name__, e)
         error = e
         continue
-      return {'image': _rgb(image), 'label': np.int32(label), 'skipped': np.int32(skipped)}
+      return {'image': _rgb(image), 'label': np.int32(label), 'skipped': np.int32(skipped > 0)}
     raise DataError(f'{skipped + 1} consecutive unreadable records from {self._describe(index)} on '
                     f'(last error: {error!r}); check or remove the broken files') from error
 

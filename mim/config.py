@@ -38,7 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
       decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=0,
       remat=False))               # recompute block activations in the backward pass (memory)
 
-  c.masking = ml_collections.ConfigDict(dict(name='random', ratio=0.75))
+  from mim import masking  # local: the schema's masking sections come from the registry
+  # name: the strategy (mim/masking.py); each strategy with parameters has its own section.
+  c.masking = ml_collections.ConfigDict(dict(name='random', ratio=0.75,
+                                             **masking.default_sections()))
   c.targets = ml_collections.ConfigDict(dict(name='pixels', norm_pix=True))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -121,8 +124,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(cfg.masking.name in masking.STRATEGIES,
            f'masking.name={cfg.masking.name!r} is unknown.{_suggest(cfg.masking.name, masking.STRATEGIES)} '
            f'Choose one of {sorted(masking.STRATEGIES)}.')
-  _require(masking.num_keep(spec.num_patches, cfg.masking.ratio) >= 1,
+  keep = masking.num_keep(spec.num_patches, cfg.masking.ratio)
+  _require(keep >= 1,
            f'masking.ratio={cfg.masking.ratio} leaves no visible patch of {spec.num_patches}.')
+  strategy = masking.get_strategy(cfg.masking.name)
+  if strategy.check:
+    try:
+      strategy.check(masking.strategy_params(cfg.masking, cfg.masking.name), spec.grid, keep)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   _require(cfg.targets.name == 'pixels', f"targets.name={cfg.targets.name!r}: only 'pixels' exists.")
   _require(cfg.batch_size > 0, f'batch_size={cfg.batch_size} must be positive.')
   _require(cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps == 0,

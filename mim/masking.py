@@ -1,19 +1,52 @@
 """One masking interface: a strategy scores every patch, `scores_to_mask` keeps the lowest.
 
-A strategy is `fn(rng, batch_size, num_patches, **kwargs) -> scores (B, L)`; lower score = more
-likely visible. Every sample keeps exactly `num_keep` patches, so shapes stay static under jit.
-Guided methods (HPM, AttMask, ColorMAE, block/radial masks) plug in by producing scores.
+A strategy is `score(rng, ctx, params) -> scores (B, L)` with lower score = more likely visible;
+`ctx` (a `MaskContext`) holds the batch size, the patch grid, the visible count, the step (traced
+under jit), the schedule length and the signals computed in the step (teacher outputs such as
+HPM's predicted losses or AttMask's attention), and `params` is the strategy's own section of
+`config.masking`. Every sample keeps exactly `num_keep` patches, so shapes stay static under jit.
+Strategies register in STRATEGIES with their parameter defaults, the signals they need and a
+check of their parameters, so configs are validated before anything compiles.
 """
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 
 class Mask(NamedTuple):
   ids_keep: jax.Array     # (B, K) indices of visible patches, in shuffled order
   ids_restore: jax.Array  # (B, L) inverse permutation of the shuffle
   mask: jax.Array         # (B, L) float32, 1 = removed (masked), 0 = visible, in patch order
+
+
+class MaskContext(NamedTuple):
+  """What a strategy may look at besides its rng; `signals` maps names to (B, ...) arrays."""
+  batch_size: int
+  grid: tuple[int, int]       # (rows, cols) of patches; L = rows * cols, row-major
+  num_keep: int               # visible patches per sample
+  step: Any = 0               # the train step (an int32 array under jit)
+  total_steps: int = 1
+  signals: Mapping[str, jax.Array] = {}
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+
+Score = Callable[[jax.Array, MaskContext, ml_collections.ConfigDict], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  score: Score
+  params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config defaults
+  needs: tuple[str, ...] = ()   # signals the step must compute before masking
+  # (params, grid, num_keep) -> None; raises ValueError naming the full key
+  # ('masking.<name>.<param>=<value> must ...'); config.validate turns it into a ConfigError.
+  check: Optional[Callable[[ml_collections.ConfigDict, tuple[int, int], int], None]] = None
 
 
 def num_keep(num_patches: int, ratio: float) -> int:
@@ -30,18 +63,59 @@ def scores_to_mask(scores: jax.Array, keep: int) -> Mask:
   return Mask(ids_shuffle[:, :keep], ids_restore, mask)
 
 
-def random_scores(rng: jax.Array, batch_size: int, num_patches: int) -> jax.Array:
+def random_scores(rng: jax.Array, ctx: MaskContext, params=None) -> jax.Array:
   """MAE: i.i.d. uniform noise per patch and sample."""
-  return jax.random.uniform(rng, (batch_size, num_patches))
+  del params
+  return jax.random.uniform(rng, (ctx.batch_size, ctx.num_patches))
 
 
-STRATEGIES: dict[str, Callable[..., jax.Array]] = {
-    'random': random_scores,
+STRATEGIES: dict[str, Strategy] = {
+    'random': Strategy(random_scores),
 }
 
 
-def get_strategy(name: str) -> Callable[..., jax.Array]:
+def get_strategy(name: str) -> Strategy:
   if name not in STRATEGIES:
     raise ValueError(f'config.masking.name={name!r} is not a masking strategy; '
                      f'choose one of {sorted(STRATEGIES)}.')
   return STRATEGIES[name]
+
+
+def default_sections() -> dict[str, ml_collections.ConfigDict]:
+  """`config.masking.<name>` sections with every strategy's parameter defaults."""
+  return {name: ml_collections.ConfigDict(dict(s.params)) for name, s in STRATEGIES.items()
+          if s.params}
+
+
+def strategy_params(masking_cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The strategy's defaults updated with `masking_cfg.<name>` (a section may be partial, e.g.
+  in a hand-written masking config or a config.json saved before the strategy had a key)."""
+  params = ml_collections.ConfigDict(dict(get_strategy(name).params))
+  params.update(masking_cfg.get(name, {}))
+  return params
+
+
+Masker = Callable[..., Mask]
+
+
+def make_masker(masking_cfg: ml_collections.ConfigDict, grid: tuple[int, int],
+                total_steps: int, name: Optional[str] = None) -> Masker:
+  """`masker(rng, batch_size, step=0, signals={}) -> Mask` for the configured strategy (or
+  `name`), with the visible count from `masking_cfg.ratio`."""
+  name = name or masking_cfg.name
+  strategy = get_strategy(name)
+  params = strategy_params(masking_cfg, name)
+  keep = num_keep(grid[0] * grid[1], masking_cfg.ratio)
+  if strategy.check:  # config.validate ran it already; this covers direct callers
+    strategy.check(params, tuple(grid), keep)
+
+  def masker(rng: jax.Array, batch_size: int, step=0, signals: Mapping[str, jax.Array] = {}
+             ) -> Mask:
+    missing = [s for s in strategy.needs if s not in signals]
+    if missing:
+      raise ValueError(f'masking strategy {name!r} needs the signals {missing}; the step passed '
+                       f'{sorted(signals)}.')
+    ctx = MaskContext(batch_size, tuple(grid), keep, step, total_steps, signals)
+    return scores_to_mask(strategy.score(rng, ctx, params), keep)
+
+  return masker

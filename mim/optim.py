@@ -1,4 +1,10 @@
-"""Optimizer: AdamW with an explicit weight-decay mask, per-step warmup + cosine schedule."""
+"""Optimizer: AdamW with an explicit weight-decay mask, per-step warmup + cosine schedule.
+
+The optimizer gives the update direction at unit learning rate; the train step scales it by
+`schedule(state.step)` (`apply_updates`), so the applied lr follows the step counter even when
+NaN/Inf updates are skipped. Adam's bias correction keeps its own count of the updates applied
+to its moments, as torch's Adam does when a GradScaler skips a step.
+"""
 import re
 
 import jax
@@ -34,10 +40,17 @@ def decay_mask(params, regex: str):
   return jax.tree_util.tree_map_with_path(lambda p, _: bool(pattern.fullmatch(path_str(p))), params)
 
 
-def make_optimizer(optim_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-  adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+def make_optimizer(optim_cfg) -> optax.GradientTransformation:
+  # A unit-valued schedule rather than the constant 1.0: it keeps the optimizer state's layout
+  # (a schedule count) that checkpoints written before the lr moved into the step hold.
+  adamw = optax.adamw(lambda count: 1.0, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                       weight_decay=optim_cfg.weight_decay,
                       mask=lambda params: decay_mask(params, optim_cfg.weight_decay_regex))
   if optim_cfg.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), adamw)
   return adamw
+
+
+def apply_updates(params, updates, lr: jax.Array):
+  """params + lr * updates (updates at unit lr; -lr * x and lr * (-x) are the same floats)."""
+  return jax.tree.map(lambda p, u: (p + lr * u).astype(p.dtype), params, updates)

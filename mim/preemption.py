@@ -32,9 +32,14 @@ class StopRequest:
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
-  def requested(self) -> bool:
-    """True on every process once any process got a signal (all must save together)."""
+  def requested(self, agree: bool = True) -> bool:
+    """Whether to stop now. With one process, as soon as a signal came. With several, all must
+    stop at the same step to save together, so they agree only where `agree` is True (the loop
+    passes its log and checkpoint steps): the all-gather blocks the host from queueing the next
+    step, so it must not run every step. A signal therefore takes effect at the next such step."""
     local = self.signal_name is not None
     if jax.process_count() == 1:
       return local
+    if not agree:
+      return False
     return bool(np.any(multihost_utils.process_allgather(np.array(local))))

@@ -3,6 +3,7 @@
 config -> checks -> mesh -> model + optimizer (created sharded) -> restore or init -> data ->
 jitted step -> loop (log, reconstruct, checkpoint) -> final save and evaluation.
 """
+import contextlib
 import functools
 import os
 import time
@@ -53,13 +54,14 @@ class Parts(NamedTuple):
   keep: int                                  # visible patches per image
   tx: optax.GradientTransformation
   schedule: optax.Schedule
+  total_steps: int
 
 
 def build_parts(cfg: ml_collections.ConfigDict, total_steps: int, warmup_steps: int) -> Parts:
   spec = mae.spec_from_config(cfg.model)
   schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, total_steps, warmup_steps)
   return Parts(mae.MAE(spec), spec, masking.num_keep(spec.num_patches, cfg.masking.ratio),
-               optim.make_optimizer(cfg.optim, schedule), schedule)
+               optim.make_optimizer(cfg.optim), schedule, total_steps)
 
 
 def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int]:
@@ -115,7 +117,7 @@ def params_from(cfg, params, param_shardings):
 def make_train_step(cfg, parts: Parts):
   model, spec, keep = parts.model, parts.spec, parts.keep
   base_key = jax.random.key(cfg.seed)
-  score_fn = masking.get_strategy(cfg.masking.name)
+  masker = masking.make_masker(cfg.masking, spec.grid, parts.total_steps)
   accum = cfg.grad_accum_steps
 
   def loss_fn(params, images, mask: masking.Mask):
@@ -143,23 +145,26 @@ def make_train_step(cfg, parts: Parts):
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     images = batch['image']
     rng = jax.random.fold_in(base_key, state.step)
-    mask = masking.scores_to_mask(
-        score_fn(jax.random.fold_in(rng, 0), images.shape[0], spec.num_patches), keep)
+    mask = masker(jax.random.fold_in(rng, 0), images.shape[0], state.step)
     loss, grads = loss_and_grads(state.params, images, mask)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
-    # A NaN/Inf step never reaches the state: its update is dropped (and counted) here; the host
-    # stops the run or goes on according to nan_policy.
+    lr = parts.schedule(state.step)  # by the step counter, whatever updates were skipped
+    # A NaN/Inf step never reaches the state: the update runs under a cond, so a skipped step
+    # keeps params and moments as they are without a second copy of the state (a select would
+    # hold both); the host stops the run or goes on according to nan_policy.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(params, opt_state):
+      updates, opt_state = parts.tx.update(grads, opt_state, params)
+      return optim.apply_updates(params, updates, lr), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
+                                     state.opt_state)
     new_state = TrainState(
-        step=state.step + 1,
-        params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
+        step=state.step + 1, params=params, opt_state=opt_state,
         skipped_examples=state.skipped_examples + jnp.sum(batch.get('skipped', 0)),
         nonfinite_updates=state.nonfinite_updates + (~finite).astype(jnp.int32))
-    return new_state, dict(loss=loss, lr=parts.schedule(state.step), grad_norm=grad_norm,
-                           finite=finite)
+    return new_state, dict(loss=loss, lr=lr, grad_norm=grad_norm, finite=finite)
 
   return train_step
 
@@ -174,12 +179,11 @@ def jit_train_step(cfg, parts: Parts, mesh: Mesh, shardings):
 
 def make_predict_fn(cfg, parts: Parts):
   """(params, images) -> (pred, mask) with a fixed masking key, for reconstruction grids."""
-  model, spec, keep = parts.model, parts.spec, parts.keep
-  score_fn = masking.get_strategy(cfg.masking.name)
+  model, spec = parts.model, parts.spec
+  masker = masking.make_masker(cfg.masking, spec.grid, parts.total_steps)
 
   def predict(params, images):
-    mask = masking.scores_to_mask(
-        score_fn(jax.random.key(cfg.seed + 1), images.shape[0], spec.num_patches), keep)
+    mask = masker(jax.random.key(cfg.seed + 1), images.shape[0])
     return model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore), mask.mask
 
   return predict
@@ -210,27 +214,40 @@ def _format_eta(seconds: float) -> str:
 
 
 def initial_state(cfg, parts: Parts, shardings, abstract_state, make_data_iter):
-  """(state, data iterator) for a workdir without checkpoints: fresh, or from `init_from`
-  (its params; with `init_from_state`, the newest full train state and data position)."""
-  if cfg.init_from and cfg.init_from_state:
-    from mim.interop import ours
-    step_dir = ours.find_step_dir(cfg.init_from)
-    if step_dir is None:
-      raise ckpt_lib.CheckpointError(
-          f'init_from={cfg.init_from!r} holds no checkpoint of ours; init_from_state=True needs '
-          'a workdir or its checkpoints/ directory (other formats carry params only).')
-    source = ckpt_lib.manager(os.path.dirname(step_dir))
-    step, state, data_iter, _ = ckpt_lib.restore_latest(source, abstract_state, make_data_iter,
-                                                        set_aside=False)
-    if step is None:
-      raise ckpt_lib.CheckpointError(f'No checkpoint to start from in {source.directory}.')
-    if jax.process_index() == 0:
-      print(f'Initialized the full train state from {source.directory}/{step}.', flush=True)
-    return state, data_iter
+  """(state, data iterator) for a workdir without checkpoints: fresh, or from `init_from` (its
+  params; with `init_from_state`, every entry of its newest train state that fits this config,
+  with its step and data position)."""
   state = init_state(parts, shardings, cfg.seed)
-  if cfg.init_from:
-    state = state.replace(params=params_from(cfg, state.params, shardings.params))
-  return state, make_data_iter(0)
+  if not cfg.init_from:
+    return state, make_data_iter(0)
+  if not cfg.init_from_state:
+    return state.replace(params=params_from(cfg, state.params, shardings.params)), make_data_iter(0)
+  from mim.interop import ours
+  step_dir = ours.find_step_dir(cfg.init_from)
+  if step_dir is None:
+    raise ckpt_lib.CheckpointError(
+        f'init_from={cfg.init_from!r} holds no checkpoint of ours; init_from_state=True needs '
+        'a workdir or its checkpoints/ directory (other formats carry params only).')
+  source = ckpt_lib.manager(os.path.dirname(step_dir))
+  step = int(os.path.basename(step_dir))
+  try:
+    state, restored, fresh = ckpt_lib.restore_fitting(step_dir, abstract_state, state)
+  except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+    if ckpt_lib.is_transient(e):
+      raise
+    raise ckpt_lib.CheckpointError(
+        f'Cannot read {step_dir} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); point '
+        'init_from at an earlier one of its checkpoints/<step> directories.') from None
+  if 'params/encoder' not in restored:
+    raise ckpt_lib.CheckpointError(
+        f'{step_dir} shares no encoder parameters with this config (restored only '
+        f'{restored or "nothing"}); check model.* against {cfg.init_from}/config.json.')
+  data_iter, _ = ckpt_lib.restore_data_iter(source, step, make_data_iter)
+  if jax.process_index() == 0:
+    print(f'Initialized the {"full " if not fresh else ""}train state from {step_dir}'
+          + (f': restored {", ".join(restored)}; started fresh: {", ".join(fresh)}' if fresh else '')
+          + '.', flush=True)
+  return state, data_iter
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict[str, float]]:
@@ -247,9 +264,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   spec = parts.spec
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------- mesh, sharded state
   mesh = sharding.make_mesh(cfg.mesh)
@@ -266,7 +280,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
     mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), cfg.max_to_keep,
                             cfg.keep_every_steps)
     latest, state, train_iter, iter_restored = ckpt_lib.restore_latest(
-        mngr, abstract_state, make_data_iter)
+        mngr, abstract_state, make_data_iter, config=cfg.to_dict())
+    if is_main:  # only once the checkpoints are known to fit (export and init_from read it)
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(cfg.to_json_best_effort(indent=2))
     if latest is None:
       state, train_iter = initial_state(cfg, parts, shardings, abstract_state, make_data_iter)
     elif is_main:
@@ -332,7 +349,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
             f'{jax.device_count()} device(s), mesh {dict(mesh.shape)}; starting at step {start_step}.',
             flush=True)
     # Closing the manager waits for in-flight async saves, also when an error ends the run.
-    with preemption.StopRequest() as stop, mngr, writer:
+    # Closing the data iterator stops grain's worker processes (and frees their shared memory).
+    with preemption.StopRequest() as stop, mngr, writer, contextlib.closing(train_iter):
       for step in range(start_step + 1, total_steps + 1):
         local = next(train_iter)
         batch = sharding.global_batch({'image': local['image'], 'skipped': local['skipped']},
@@ -342,9 +360,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
                                    f'not batch_size={cfg.batch_size}: processes read unequal shards.')
         state, step_metrics = train_step(state, batch)
         pending.append((step, step_metrics))
-        stopping = stop.requested()
-        log_now = step % cfg.log_every_steps == 0 or step == total_steps or stopping
-        save_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps or stopping
+        log_now = step % cfg.log_every_steps == 0 or step == total_steps
+        save_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps
+        stopping = stop.requested(agree=log_now or save_now)
+        log_now, save_now = log_now or stopping, save_now or stopping
         if not (log_now or save_now):
           continue
         # Logged values are the step's own (not window means), so a resumed run logs the
@@ -378,6 +397,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
                   'to resume.', flush=True)
           break
 
+      # The arrays of the last batch may alias grain's shared memory, which is freed by a
+      # background thread once unreferenced: drop them now, not at exit (a leak warning).
+      batch = local = None
       # ------------------------------------------------------------ final evaluation
       if int(state.step) == total_steps and start_step < total_steps:
         save_reconstructions(total_steps)

@@ -363,3 +363,18 @@ def test_eval_resize_center_crop():
   small = img[::10, 16:184:21]  # 10x8, not bigger than 16: the whole image is resized, no crop
   expected = Image.fromarray(small).resize((16, 16), Image.Resampling.BICUBIC)
   np.testing.assert_array_equal(transforms.eval_resize(small, 16), np.asarray(expected))
+
+
+def test_adjacent_bad_files_count_each_replaced_example_once(tmp_path):
+  """Three unreadable files in a row: the stand-in search passes several of them, but each
+  example position whose own record is bad counts once (3 in all, not 3 + 2 + 1)."""
+  good = _save(Image.new('RGB', (8, 8), (5, 6, 7)), 'PNG')
+  names = ['00_ok.png', '01_bad.png', '02_bad.png', '03_bad.png', '04_ok.png', '05_ok.png']
+  for name in names:
+    (tmp_path / 'train' / 'a').mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'train' / 'a' / name).write_bytes(good if 'ok' in name else b'broken')
+  cfg = make_cfg(name='folder', data_dir=str(tmp_path))
+  src = sources.make_source(cfg, 'train')
+  assert [int(src[i]['skipped']) for i in range(6)] == [0, 1, 1, 1, 0, 0]
+  (b,) = take(cfg, 1, batch_size=6)
+  assert b['skipped'].sum() == 3

@@ -41,7 +41,10 @@ def committed_steps(workdir) -> list[int]:
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path):
   reference, killed = str(tmp_path / 'reference'), str(tmp_path / 'killed')
   launch.run(reference, *RUN, devices=2)
-  kill_after = random.randint(30, 170)
+  # A new kill step each run, reproducible: MIM_FAULT_SEED=<the seed in the failure> pytest ...
+  seed = int(os.environ.get('MIM_FAULT_SEED', random.SystemRandom().randrange(10**6)))
+  kill_after = random.Random(seed).randint(30, 170)
+  print(f'MIM_FAULT_SEED={seed}: SIGKILL after {kill_after} logged steps')
   proc = launch.launch(killed, *RUN, devices=2)
   wait_for_rows(proc, killed, kill_after)
   while not committed_steps(killed):  # so that the restart really resumes
@@ -54,8 +57,9 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path):
   out = launch.run(killed, *RUN, devices=2)
   assert 'Resumed from' in out
   a, b = launch.metrics(reference), launch.metrics(killed)
-  assert [r['step'] for r in b] == list(range(1, 201)), f'killed after {rows_at_kill} rows'
-  assert [r['loss'] for r in b] == [r['loss'] for r in a]   # bitwise: same floats
+  where = f'MIM_FAULT_SEED={seed}, killed after {rows_at_kill} rows'
+  assert [r['step'] for r in b] == list(range(1, 201)), where
+  assert [r['loss'] for r in b] == [r['loss'] for r in a], where   # bitwise: same floats
   assert_trees_equal(params_of(killed), params_of(reference))
 
 

@@ -14,7 +14,7 @@ def test_num_keep_truncates_like_official():
 
 
 def test_scores_to_mask_counts_and_inverse_permutation():
-  scores = masking.random_scores(jax.random.key(0), 16, 196)
+  scores = masking.random_scores(jax.random.key(0), masking.MaskContext(16, (14, 14), 49))
   m = masking.scores_to_mask(scores, 49)
   mask, ids_keep, ids_restore = map(np.asarray, (m.mask, m.ids_keep, m.ids_restore))
   np.testing.assert_array_equal(mask.sum(1), 147)

@@ -92,3 +92,37 @@ def test_longer_schedule_continues_from_latest(full_run, tmp_path):
   state, _ = train.train(tiny_config(total_steps=8), longer)
   assert int(state.step) == 8
   assert [r['step'] for r in read_jsonl(os.path.join(longer, 'metrics.jsonl'))] == [2, 4, 6, 8]
+
+
+def test_skipped_nan_updates_keep_the_lr_schedule():
+  """Under nan_policy=skip the lr applied at step s is schedule(s) whatever was skipped before.
+
+  Adam's first applied update is -lr * g / (|g| + eps) ~ -lr * sign(g) per element (no weight
+  decay), so the median |delta p| / lr of that step measures the applied lr. Were the lr taken
+  from the optimizer's own count (which skipped steps do not advance), steps 0-2 being skipped
+  would make step 3 apply schedule(0) = 0 and move nothing."""
+  from mim import sharding
+  cfg = tiny_config(nan_policy='skip')
+  cfg.optim.update(dict(weight_decay=0.0, warmup_steps=6))
+  parts = train.build_parts(cfg, total_steps=10, warmup_steps=6)
+  mesh = sharding.make_mesh(cfg.mesh)
+  images = np.random.default_rng(0).standard_normal((16, 16, 16, 3)).astype(np.float32)
+  bad = {0, 1, 2, 5}
+  with sharding.use_mesh(mesh):
+    _, shardings = train.state_shardings(parts, mesh)
+    state = train.init_state(parts, shardings, cfg.seed)
+    step = train.jit_train_step(cfg, parts, mesh, shardings)
+    for s in range(7):
+      before = jax.device_get(state.params)
+      x = np.where(s in bad, np.nan, images).astype(np.float32)
+      state, m = step(state, sharding.global_batch({'image': x}, sharding.batch_sharding(mesh)))
+      after = jax.device_get(state.params)
+      np.testing.assert_allclose(float(m['lr']), parts.schedule(s), rtol=1e-6)  # logged = applied
+      delta = np.concatenate([np.abs(a - b).ravel() for a, b in
+                              zip(jax.tree.leaves(after), jax.tree.leaves(before))])
+      if s in bad:
+        assert not bool(m['finite']) and delta.max() == 0
+      elif s == 3:  # the first update Adam applies
+        np.testing.assert_allclose(np.median(delta) / float(parts.schedule(s)), 1.0, rtol=1e-3)
+  assert int(state.nonfinite_updates) == len(bad)
+  assert int(state.opt_state[0].count) == 7 - len(bad)   # moments saw only the applied updates

@@ -100,6 +100,7 @@ def save(config: ml_collections.ConfigDict, params: dict[str, Any], fmt: str, pa
   params = jax.tree.map(np.asarray, params)  # also takes jax arrays, e.g. a TrainState's params
   check_compatible(params, torch_layout.abstract_params(spec))
   base = files.stem(path)
+  os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
   if fmt == 'timm':
     sd = torch_layout.to_torch({'encoder': params['encoder']}, spec)
     files.write_safetensors(base + '.safetensors', sd)

@@ -93,9 +93,18 @@ def classify(tensors: dict[str, Any], path: str) -> str:
                              f'{sorted(tensors)[:3]}')
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
   from safetensors import numpy as st_numpy
   st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+  # safetensors writes through a private temporary file (0600): give it the usual mode, as
+  # np.savez and torch.save get, so other users of a shared filesystem can read it.
+  os.chmod(path, 0o666 & ~_umask())
 
 
 def write_pth(path: str, sd: dict[str, np.ndarray]) -> None:
