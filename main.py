@@ -1,7 +1,14 @@
-"""Entry point: python main.py --config=configs/demo.py --workdir=W [--mode=train|summary|export].
+"""Entry point: python main.py --config=configs/demo.py --workdir=W
+  [--mode=train|summary|export|eval|visualize].
 
 Export weights for PyTorch (timm, Hugging Face ViTMAE, official MAE; see mim/interop):
   python main.py --mode=export --workdir=W --export_format=timm|hf|mae --export_path=P
+Evaluate a checkpoint or any weights (kNN, linear / attentive probes; see mim/evaluate/run.py):
+  python main.py --mode=eval --config=configs/linprobe_vitb.py --config.init_from=W_OR_FILE --workdir=W2
+
+Draw the configured masking strategy (or every one: --config.masking.name=all) on real images,
+with the masks' power spectra (see mim/evaluate/mask_views.py):
+  python main.py --mode=visualize --config=configs/demo.py --workdir=W --config.masking.name=all
 
 Config values are overridden with --config.key=value (e.g. --config.total_steps=100).
 """
@@ -13,7 +20,8 @@ from absl import logging
 from ml_collections import config_flags
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images; a rerun resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'summary', 'export'], 'What to do with the config.')
+flags.DEFINE_enum('mode', 'train', ['train', 'summary', 'export', 'eval', 'visualize'],
+                  'What to do with the config.')
 flags.DEFINE_enum('export_format', None, ['timm', 'hf', 'mae'],
                   'For --mode=export: timm (P.safetensors + P.npz, encoder), hf (directory P), '
                   'mae (P.safetensors + P.pth, encoder + decoder).')
@@ -59,7 +67,16 @@ def main(argv):
       print(summary.format_memory_plan(summary.memory_plan(cfg)))
       return
     if not FLAGS.workdir:
-      raise config_lib.ConfigError('--workdir is required for --mode=train.')
+      raise config_lib.ConfigError(f'--workdir is required for --mode={FLAGS.mode}.')
+    if FLAGS.mode == 'eval':
+      from mim.evaluate import run as eval_run
+      eval_run.evaluate(cfg, FLAGS.workdir)
+      return
+    if FLAGS.mode == 'visualize':
+      from mim.evaluate import mask_views
+      for path in mask_views.visualize(cfg, FLAGS.workdir):
+        print(f'Wrote {path}')
+      return
     train.train(cfg, FLAGS.workdir)
   except (config_lib.ConfigError, data_lib.DataError, interop.InteropError,
           checkpoint.CheckpointError, train.TrainingStopped) as e:

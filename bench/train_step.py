@@ -50,33 +50,46 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 9) -> float:
   return 2 * n ** 3 / min(times) / 1e9
 
 
-def main(argv):
-  del argv
-  cfg = load_config(FLAGS.model)
-  cfg.batch_size = FLAGS.batch
+def compiled_step(cfg, batch_size: int):
+  """(compiled train step, its state, a synthetic batch, compile seconds, parts) for `cfg`."""
+  cfg.batch_size = batch_size
   parts = train.build_parts(cfg, total_steps=1000, warmup_steps=100)
   spec = parts.spec
   mesh = sharding.make_mesh(cfg.mesh)
   with sharding.use_mesh(mesh):
     _, shardings = train.state_shardings(parts, mesh)
     state = train.init_state(parts, shardings, cfg.seed)
-    images = jax.random.normal(jax.random.key(1), (FLAGS.batch, spec.image_size, spec.image_size, 3))
+    images = jax.random.normal(jax.random.key(1), (batch_size, spec.image_size, spec.image_size, 3))
     batch = {'image': jax.device_put(images, sharding.batch_sharding(mesh))}
     step_fn = train.jit_train_step(cfg, parts, mesh, shardings)
     t = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t
-    xla_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
+  return compiled, state, batch, time.perf_counter() - t, parts
+
+
+def time_steps(compiled, state, batch, steps: int) -> tuple[list[float], dict, object]:
+  """Seconds of each of `steps` steps after one warm-up step, the last metrics and the state
+  (the input state is donated: use the returned one for more steps)."""
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    times = []
-    for _ in range(FLAGS.steps):
-      t = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t)
+    times.append(time.perf_counter() - t)
+  return times, metrics, state
+
+
+def main(argv):
+  del argv
+  cfg = load_config(FLAGS.model)
+  compiled, state, batch, compile_s, parts = compiled_step(cfg, FLAGS.batch)
+  spec = parts.spec
+  xla_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
+  times, metrics, _ = time_steps(compiled, state, batch, FLAGS.steps)
   sec = statistics.median(times)
-  gflop = flops_lib.mae_train_flops_per_image(spec, parts.keep) * FLAGS.batch / 1e9
+  gflop = flops_lib.train_flops_per_image(spec, parts.keep, parts.teacher_signals) * FLAGS.batch / 1e9
   peak = matmul_peak_gflops()
   result = dict(
       model=FLAGS.model, batch=FLAGS.batch, device=jax.devices()[0].device_kind,

@@ -1,4 +1,4 @@
-"""grain pipelines: the infinite, per-process training stream and in-memory eval splits."""
+"""grain pipelines: the per-process training stream; streamed and in-memory eval splits."""
 import os
 
 import grain
@@ -10,7 +10,8 @@ from data import transforms
 
 def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        start_batch: int = 0) -> grain.IterDataset:
+                        start_batch: int = 0, source: sources.Source | None = None
+                        ) -> grain.IterDataset:
   """Infinite stream of this process's batches of normalized f32 'image' (b, S, S, 3) and i32
   'label' and 'skipped' (b,), where skipped is 1 for an example that stands in for an unreadable
   record.
@@ -22,9 +23,10 @@ def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
   seeded by (seed, epoch, position in the global order). Batches are formed before the
   multiprocess split, so the stream is the same for every cfg.num_workers; only the iterator
   state's layout differs. `start_batch` skips that many batches without reading them (resuming
-  when no iterator state fits, e.g. after a change of process count).
+  when no iterator state fits, e.g. after a change of process count). `source` replaces the
+  records of cfg.train_split (e.g. a probe's class-balanced subset of it).
   """
-  source = sources.make_source(cfg, cfg.train_split)
+  source = sources.make_source(cfg, cfg.train_split) if source is None else source
   if len(source) < batch_size * process_count:
     raise sources.DataError(
         f'Train split {cfg.train_split!r} has {len(source)} examples, fewer than one global batch '
@@ -89,7 +91,51 @@ def load_eval_split(cfg, split: str, *, image_size: int, max_examples: int | Non
   k = 0
   for k, ex in enumerate(ds, 1):
     images[k - 1], labels[k - 1] = ex['image'], ex['label']
+  if k == 0:  # e.g. eval.num_reconstructions=0
+    return np.zeros((0, image_size, image_size, 3), np.float32), labels[:0]
   return transforms.normalize(images[:k], cfg.mean, cfg.std), labels[:k]
+
+
+def eval_batches(cfg, split: str, indices: np.ndarray, *, image_size: int, batch_size: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's part of fixed-size batches over the records `indices` of `split`, in order:
+  normalized f32 'image' (b, S, S, 3) of the eval view (transforms.eval_resize), i32 'label' and
+  i32 'valid' (b,), b = batch_size / process_count. Streams: only a few batches are in memory.
+
+  The global order is `indices` padded to a multiple of batch_size; global batch t holds positions
+  t * batch_size + [0, batch_size), and process p reads the p-th slice of b of each, so the
+  batches assembled in process order are the same for every process count. 'valid' is 0 for the
+  padding (black images, never read) and for unreadable records (their stand-ins).
+  """
+  b = batch_size // process_count
+  global_batches = -(-len(indices) // batch_size)
+  positions = (np.arange(global_batches)[:, None] * batch_size + process_index * b
+               + np.arange(b)[None]).ravel()
+  rows = _EvalRows(sources.make_source(cfg, split), np.asarray(indices), positions, image_size)
+  return (grain.MapDataset.source(rows)
+          .map(transforms.EvalResize(image_size))
+          .batch(b)
+          .map(transforms.Normalize(cfg.mean, cfg.std))
+          .to_iter_dataset(_read_options(0, elements_per_thread=1)))
+
+
+class _EvalRows:
+  """Record indices[positions[j]], or a black padding image past the end of `indices`."""
+
+  def __init__(self, source, indices: np.ndarray, positions: np.ndarray, image_size: int):
+    self._source, self._indices, self._positions = source, indices, positions
+    self._blank = {'image': np.zeros((image_size, image_size, 3), np.uint8),
+                   'label': np.int32(0), 'valid': np.int32(0)}
+
+  def __len__(self) -> int:
+    return len(self._positions)
+
+  def __getitem__(self, j: int) -> dict[str, np.ndarray]:
+    k = self._positions[j]
+    if k >= len(self._indices):
+      return self._blank
+    ex = self._source[self._indices[k]]
+    return {'image': ex['image'], 'label': ex['label'], 'valid': np.int32(ex['skipped'] == 0)}
 
 
 def _read_options(num_workers: int, elements_per_thread: int) -> grain.ReadOptions:

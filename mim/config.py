@@ -36,13 +36,32 @@ def default_config() -> ml_collections.ConfigDict:
       image_size=224, patch_size=16,
       width=0, depth=0, num_heads=0, mlp_dim=0,   # 0 = from the variant (mlp 4x width)
       decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=0,
-      remat=False))               # recompute block activations in the backward pass (memory)
+      remat=False,                # recompute block activations in the backward pass (memory)
+      loss_predictor=False,       # HPM: a second decoder predicting each patch's loss
+      feature_head=False))        # EMA feature targets: a head regressing features from the decoder
 
   from mim import masking  # local: the schema's masking sections come from the registry
   # name: the strategy (mim/masking.py); each strategy with parameters has its own section.
   c.masking = ml_collections.ConfigDict(dict(name='random', ratio=0.75,
                                              **masking.default_sections()))
-  c.targets = ml_collections.ConfigDict(dict(name='pixels', norm_pix=True))
+  # The loss: a weighted sum of named terms (mim/objectives.py), each logged as <term>_loss.
+  c.targets = ml_collections.ConfigDict(dict(
+      name='pixels', norm_pix=True,
+      pixel_weight=1.0,           # norm-pix MSE on masked patches
+      loss_pred_weight=0.0,       # HPM's relative loss-prediction term (needs model.loss_predictor)
+      feature_weight=0.0,         # EMA-teacher feature regression (needs model.feature_head)
+      feature_ramp_epochs=0.0,    # > 0: feature weight * min((epoch + 1) / this, 1) (BootMAE)
+      feature_top_k=6,            # data2vec targets: mean of the teacher's top-K blocks
+      feature_loss='smooth_l1',   # 'smooth_l1' (data2vec, beta below) | 'mse'
+      feature_beta=2.0))
+
+  # The EMA teacher (mim/teacher.py), in the state when a masking strategy or term needs it.
+  c.teacher = ml_collections.ConfigDict(dict(
+      momentum=((0.0, 0.999), (100.0, 0.9999)),  # (time, tau) points; constant after the last
+      momentum_unit='epochs',     # the points' time: 'epochs' | 'steps'
+      momentum_shape='linear',    # between points: 'linear' | 'cosine'
+      momentum_per_epoch=False,   # hold tau within each epoch (the official per-epoch updates)
+      dtype='float32'))           # the teacher pass: 'float32' | 'bfloat16'
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4,             # lr = base_lr * batch_size / 256
@@ -66,8 +85,30 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       knn=False,                  # at the end: kNN accuracy, pretrained vs random-init encoder
-      knn_k=20, knn_max_train=10000, knn_max_test=10000,
-      num_reconstructions=8))
+      knn_k=20, knn_max_train=10000, knn_max_test=10000,  # bank / queries; 0 = the whole split
+      num_reconstructions=8,
+      protocols=('knn',),         # --mode=eval runs these: any of 'knn', 'linear', 'attentive'
+      knn_ks=(10, 20, 200),       # --mode=eval reports each of these k (and knn_k)
+      knn_temperature=0.07,       # DINO protocol: votes exp(cosine / T)
+      knn_pool='cls',             # cls | avg | both | cls_prenorm | avg_prenorm (mim/evaluate/features.py)
+      subset_seed=0,              # of the class-balanced subsets (knn_max_*, probe.max_*_examples)
+      batch_size=256))            # global batch of feature extraction (padded: one compilation)
+
+  # Probes on the frozen encoder (mim/evaluate/probe.py), MAE linear-probe recipe (methods.md §1.9).
+  c.probe = ml_collections.ConfigDict(dict(
+      mode='augment',             # 'augment': encoder on RandomResizedCrop + flip views every step
+                                  # (the protocol); 'cached': center-crop features once (fast)
+      epochs=90.0, warmup_epochs=10.0,
+      batch_size=16384,           # global
+      base_lr=0.1, min_lr=0.0,    # lr = base_lr * batch_size / 256, warmup then cosine
+      momentum=0.9, trust_coefficient=0.001, weight_decay=0.0,   # LARS
+      crop_scale=(0.08, 1.0),     # RandomResizedCrop scale in 'augment' mode
+      max_train_examples=0, max_test_examples=0,   # > 0: a class-balanced subset; 0 = all
+      num_classes=0,              # 0 = from the data
+      linear_pool='cls',          # linear probe input: cls (MAE protocol) | avg | *_prenorm
+      num_queries=32, value_divisor=1,   # attentive probe: M queries, values D -> D / value_divisor
+      attentive_use_cls=False,    # attentive probe: the cls token is a key too
+      log_every_steps=100))
   return c
 
 
@@ -134,6 +175,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ConfigError(str(e)) from None
   _require(cfg.targets.name == 'pixels', f"targets.name={cfg.targets.name!r}: only 'pixels' exists.")
+  _validate_method(cfg, spec)
   _require(cfg.batch_size > 0, f'batch_size={cfg.batch_size} must be positive.')
   _require(cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps == 0,
            f'grad_accum_steps={cfg.grad_accum_steps} must be >= 1 and divide '
@@ -148,6 +190,58 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   _require(sum(s == -1 for s in sizes) <= 1 and all(s == -1 or s > 0 for s in sizes),
            f'mesh sizes (data, fsdp, tensor)={tuple(sizes)}: each must be positive, at most one -1.')
+  _validate_eval(cfg.eval, cfg.probe)
+
+
+def _validate_method(cfg: ml_collections.ConfigDict, spec) -> None:
+  t, teach = cfg.targets, cfg.teacher
+  for key in ('pixel_weight', 'loss_pred_weight', 'feature_weight', 'feature_ramp_epochs'):
+    _require(t[key] >= 0, f'targets.{key}={t[key]} must be >= 0.')
+  _require(t.pixel_weight > 0 or not t.loss_pred_weight,
+           'targets.loss_pred_weight > 0 ranks the pixel losses: keep targets.pixel_weight > 0.')
+  _require(not t.loss_pred_weight or cfg.model.loss_predictor,
+           f'targets.loss_pred_weight={t.loss_pred_weight} needs model.loss_predictor=True.')
+  _require(not t.feature_weight or cfg.model.feature_head,
+           f'targets.feature_weight={t.feature_weight} needs model.feature_head=True.')
+  _require(cfg.masking.name != 'hard_patches' or cfg.model.loss_predictor,
+           "masking.name='hard_patches' masks by the teacher's predicted losses: set "
+           'model.loss_predictor=True (and targets.loss_pred_weight > 0 to train it).')
+  _require(not t.feature_weight or 1 <= t.feature_top_k <= spec.depth,
+           f'targets.feature_top_k={t.feature_top_k} must be in [1, {spec.depth}] (encoder depth).')
+  _require(t.feature_loss in ('smooth_l1', 'mse'),
+           f"targets.feature_loss={t.feature_loss!r} must be 'smooth_l1' or 'mse'.")
+  _require(t.feature_beta > 0, f'targets.feature_beta={t.feature_beta} must be positive.')
+  points = teach.momentum
+  _require(len(points) >= 1 and all(len(p) == 2 and 0 <= p[1] <= 1 for p in points)
+           and all(a[0] < b[0] for a, b in zip(points, points[1:])),
+           f'teacher.momentum={points!r} must be (time, tau) pairs with increasing times and '
+           'tau in [0, 1], e.g. ((0, 0.999), (100, 0.9999)).')
+  _require(teach.momentum_unit in ('epochs', 'steps'),
+           f"teacher.momentum_unit={teach.momentum_unit!r} must be 'epochs' or 'steps'.")
+  _require(teach.momentum_shape in ('linear', 'cosine'),
+           f"teacher.momentum_shape={teach.momentum_shape!r} must be 'linear' or 'cosine'.")
+  _require(teach.dtype in ('float32', 'bfloat16'),
+           f"teacher.dtype={teach.dtype!r} must be 'float32' or 'bfloat16'.")
+
+
+def _validate_eval(e: ml_collections.ConfigDict, p: ml_collections.ConfigDict) -> None:
+  pools = ('cls', 'avg', 'cls_prenorm', 'avg_prenorm')
+  for name in e.protocols:
+    _require(name in ('knn', 'linear', 'attentive'),
+             f'eval.protocols has {name!r}; choose from knn, linear, attentive.')
+  _require(e.knn_pool in pools + ('both',),
+           f'eval.knn_pool={e.knn_pool!r} must be one of {pools + ("both",)}.')
+  _require(all(k > 0 for k in (e.knn_k, *e.knn_ks)), 'eval.knn_k and eval.knn_ks must be positive.')
+  _require(e.knn_temperature > 0, f'eval.knn_temperature={e.knn_temperature} must be positive.')
+  _require(e.batch_size > 0, f'eval.batch_size={e.batch_size} must be positive.')
+  _require(p.mode in ('augment', 'cached'), f"probe.mode={p.mode!r} must be 'augment' or 'cached'.")
+  _require(p.epochs > 0 and 0 <= p.warmup_epochs <= p.epochs,
+           f'probe.epochs={p.epochs} must be positive and probe.warmup_epochs={p.warmup_epochs} '
+           'in [0, epochs].')
+  _require(p.batch_size > 0 and p.base_lr > 0, 'probe.batch_size and probe.base_lr must be positive.')
+  _require(p.linear_pool in pools, f'probe.linear_pool={p.linear_pool!r} must be one of {pools}.')
+  _require(p.num_queries > 0 and p.value_divisor > 0,
+           'probe.num_queries and probe.value_divisor must be positive.')
 
 
 def check_batch_divides(batch_size: int, device_count: int, process_count: int) -> None:

@@ -1,7 +1,8 @@
 """Analytic matmul FLOPs of an MAE step (the count MFU is measured against).
 
 Counts 2 FLOPs per multiply-add of every matmul (attention scores and values included);
-a training step is taken as 3x the forward pass (backward ~ 2x forward), the usual convention.
+a training step is taken as 3x the forward pass (backward ~ 2x forward), the usual convention;
+a teacher pass (forward only) counts once.
 """
 from mim.models.mae import ModelSpec
 
@@ -24,8 +25,29 @@ def mae_forward_flops(spec: ModelSpec, num_keep: int) -> float:
           + 2 * (1 + n) * spec.decoder_width * spec.patch_dim)                    # pixel head
 
 
-def mae_train_flops_per_image(spec: ModelSpec, num_keep: int) -> float:
-  return 3 * mae_forward_flops(spec, num_keep)
+def _loss_predictor(spec: ModelSpec) -> float:
+  n = spec.num_patches
+  return (_transformer(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)
+          + 2 * (1 + n) * spec.decoder_width * spec.patch_dim)
+
+
+def train_flops_per_image(spec: ModelSpec, num_keep: int,
+                          teacher_signals: tuple[str, ...] = ()) -> float:
+  """The train step: 3x the student's forward (MAE + the loss predictor and feature head when
+  the spec has them) + 1x the teacher pass (all patches; + the loss predictor for HPM)."""
+  n = spec.num_patches
+  student = mae_forward_flops(spec, num_keep)
+  if spec.loss_predictor:
+    student += _loss_predictor(spec)
+  if spec.feature_head:
+    student += 2 * n * spec.decoder_width * spec.width
+  teacher = 0.0
+  if teacher_signals:
+    teacher = 2 * n * spec.patch_dim * spec.width + _transformer(1 + n, spec.width, spec.depth,
+                                                                 spec.mlp_dim)
+    if 'predicted_loss' in teacher_signals:
+      teacher += 2 * (1 + n) * spec.width * spec.decoder_width + _loss_predictor(spec)
+  return 3 * student + teacher
 
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (device_kind prefixes).

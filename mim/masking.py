@@ -15,6 +15,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim.masks import block
+from mim.masks import colored_noise
+from mim.masks import radial
+from mim.masks import teacher_guided
+
 
 class Mask(NamedTuple):
   ids_keep: jax.Array     # (B, K) indices of visible patches, in shuffled order
@@ -30,6 +35,7 @@ class MaskContext(NamedTuple):
   step: Any = 0               # the train step (an int32 array under jit)
   total_steps: int = 1
   signals: Mapping[str, jax.Array] = {}
+  steps_per_epoch: int = 1
 
   @property
   def num_patches(self) -> int:
@@ -71,6 +77,16 @@ def random_scores(rng: jax.Array, ctx: MaskContext, params=None) -> jax.Array:
 
 STRATEGIES: dict[str, Strategy] = {
     'random': Strategy(random_scores),
+    'colored_noise': Strategy(colored_noise.scores, colored_noise.DEFAULTS,
+                              check=colored_noise.check),   # ColorMAE
+    'block': Strategy(block.scores, block.DEFAULTS, check=block.check),   # BEiT
+    'radial': Strategy(radial.scores, radial.DEFAULTS, check=radial.check),   # R-MAE, in 2-D
+    'hard_patches': Strategy(teacher_guided.hard_patches_scores,   # HPM
+                             teacher_guided.HARD_PATCHES_DEFAULTS, needs=('predicted_loss',),
+                             check=teacher_guided.hard_patches_check),
+    'attention': Strategy(teacher_guided.attention_scores,   # AttMask
+                          teacher_guided.ATTENTION_DEFAULTS, needs=('cls_attention',),
+                          check=teacher_guided.attention_check),
 }
 
 
@@ -99,7 +115,7 @@ Masker = Callable[..., Mask]
 
 
 def make_masker(masking_cfg: ml_collections.ConfigDict, grid: tuple[int, int],
-                total_steps: int, name: Optional[str] = None) -> Masker:
+                total_steps: int, name: Optional[str] = None, steps_per_epoch: int = 1) -> Masker:
   """`masker(rng, batch_size, step=0, signals={}) -> Mask` for the configured strategy (or
   `name`), with the visible count from `masking_cfg.ratio`."""
   name = name or masking_cfg.name
@@ -115,7 +131,7 @@ def make_masker(masking_cfg: ml_collections.ConfigDict, grid: tuple[int, int],
     if missing:
       raise ValueError(f'masking strategy {name!r} needs the signals {missing}; the step passed '
                        f'{sorted(signals)}.')
-    ctx = MaskContext(batch_size, tuple(grid), keep, step, total_steps, signals)
+    ctx = MaskContext(batch_size, tuple(grid), keep, step, total_steps, signals, steps_per_epoch)
     return scores_to_mask(strategy.score(rng, ctx, params), keep)
 
   return masker

@@ -62,3 +62,10 @@ class MetricWriter:
       return
     self._jsonl.close()
     self._events.close()
+
+
+def format_duration(seconds: float) -> str:
+  """'4m05s', or '2h03m' past an hour (ETAs and run times)."""
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'

@@ -5,6 +5,7 @@ import numpy as np
 from mim import flops as flops_lib
 from mim import masking
 from mim import optim
+from mim import teacher
 from mim.models import mae
 
 
@@ -24,8 +25,9 @@ def summarize(cfg) -> str:
   lines = [f'{"parameter":<{width}}  {"shape":<20} {"count":>12}']
   lines += [f'{name:<{width}}  {str(shape):<20} {count:>12,}' for name, shape, count in rows]
   total = sum(r[2] for r in rows)
-  by_part = {part: sum(r[2] for r in rows if r[0].startswith(part)) for part in ('encoder', 'decoder')}
-  per_image = flops_lib.mae_train_flops_per_image(spec, keep)
+  by_part = {part: sum(r[2] for r in rows if r[0].startswith(part + '/'))
+             for part in ('encoder', 'decoder', 'loss_predictor', 'feature_head')}
+  per_image = flops_lib.train_flops_per_image(spec, keep, teacher.needed_signals(cfg))
   lines += [
       '',
       f'model: ViT {spec.width}x{spec.depth} ({spec.num_heads} heads), patch {spec.patch_size}, '
@@ -33,6 +35,8 @@ def summarize(cfg) -> str:
       f'({spec.decoder_heads} heads); {spec.num_patches} patches, {keep} visible',
       f'encoder parameters: {by_part["encoder"]:,}',
       f'decoder parameters: {by_part["decoder"]:,}',
+      *[f'{part.replace("_", " ")} parameters: {by_part[part]:,}'
+        for part in ('loss_predictor', 'feature_head') if by_part[part]],
       f'trainable parameters: {total}',
       f'FLOPs per image (train step, analytic): {per_image / 1e9:.2f} GFLOP',
       f'FLOPs per step (batch {cfg.batch_size}): {per_image * cfg.batch_size / 1e12:.3f} TFLOP',

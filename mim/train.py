@@ -28,7 +28,7 @@ from mim import objectives
 from mim import optim
 from mim import preemption
 from mim import sharding
-from mim.evaluate import knn as knn_lib
+from mim import teacher as teacher_lib
 from mim.evaluate import reconstruction
 from mim.models import mae
 
@@ -41,6 +41,9 @@ class TrainState:
   opt_state: Any
   skipped_examples: jax.Array   # unreadable records replaced so far (all processes)
   nonfinite_updates: jax.Array  # steps whose loss or gradients were NaN/Inf (update not applied)
+  # The EMA teacher (mim/teacher.py), only when the method consumes teacher outputs; None is an
+  # empty subtree, so states without it keep the layout of earlier checkpoints.
+  params_ema: Any = None
 
 
 class TrainingStopped(RuntimeError):
@@ -55,22 +58,26 @@ class Parts(NamedTuple):
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   total_steps: int
+  steps_per_epoch: int
+  teacher_signals: tuple[str, ...]           # what the teacher pass computes; () = no teacher
 
 
-def build_parts(cfg: ml_collections.ConfigDict, total_steps: int, warmup_steps: int) -> Parts:
+def build_parts(cfg: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
+                steps_per_epoch: int = 1) -> Parts:
   spec = mae.spec_from_config(cfg.model)
   schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, total_steps, warmup_steps)
   return Parts(mae.MAE(spec), spec, masking.num_keep(spec.num_patches, cfg.masking.ratio),
-               optim.make_optimizer(cfg.optim), schedule, total_steps)
+               optim.make_optimizer(cfg.optim), schedule, total_steps, steps_per_epoch,
+               teacher_lib.needed_signals(cfg))
 
 
-def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int]:
-  """(total_steps, warmup_steps); explicit step counts override epochs."""
+def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int, int]:
+  """(total_steps, warmup_steps, steps_per_epoch); explicit step counts override epochs."""
   steps_per_epoch = max(num_train_examples // cfg.batch_size, 1)
   total = cfg.total_steps or int(round(cfg.total_epochs * steps_per_epoch))
   warmup = (cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0
             else int(round(cfg.optim.warmup_epochs * steps_per_epoch)))
-  return total, min(warmup, total)
+  return total, min(warmup, total), steps_per_epoch
 
 
 def init_params(parts: Parts, rng: jax.Array):
@@ -82,7 +89,8 @@ def _init_boxed_state(parts: Parts, rng: jax.Array) -> TrainState:
   params = init_params(parts, rng)
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=parts.tx.init(params),
-                    skipped_examples=zero, nonfinite_updates=zero)
+                    skipped_examples=zero, nonfinite_updates=zero,
+                    params_ema=params if parts.teacher_signals else None)
 
 
 def state_shardings(parts: Parts, mesh: Mesh) -> tuple[TrainState, Any]:
@@ -107,6 +115,8 @@ def params_from(cfg, params, param_shardings):
   an encoder-only file keeps the freshly initialized decoder."""
   from mim import interop  # numpy + safetensors; torch only for .pth files
   _, loaded = interop.load(cfg.init_from, cfg.model)
+  # Heads this config has no use for (e.g. HPM's loss predictor, continuing as MAE) are left out.
+  loaded = {k: v for k, v in loaded.items() if k in params}
   interop.check_compatible(loaded, params)  # names the tensor and both shapes
   loaded = jax.device_put(loaded, {k: param_shardings[k] for k in loaded})
   if jax.process_index() == 0:
@@ -115,56 +125,80 @@ def params_from(cfg, params, param_shardings):
 
 
 def make_train_step(cfg, parts: Parts):
-  model, spec, keep = parts.model, parts.spec, parts.keep
+  model, spec = parts.model, parts.spec
   base_key = jax.random.key(cfg.seed)
-  masker = masking.make_masker(cfg.masking, spec.grid, parts.total_steps)
+  masker = masking.make_masker(cfg.masking, spec.grid, parts.total_steps,
+                               steps_per_epoch=parts.steps_per_epoch)
+  teacher_pass = teacher_lib.make_teacher_pass(cfg, model)
+  momentum = teacher_lib.momentum_schedule(cfg.teacher, parts.steps_per_epoch)
   accum = cfg.grad_accum_steps
 
-  def loss_fn(params, images, mask: masking.Mask):
-    pred = model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)
-    loss, _ = objectives.pixel_reconstruction_loss(
-        pred, images, mask.mask, patch_size=spec.patch_size, norm_pix=cfg.targets.norm_pix)
-    return loss
+  def loss_fn(params, images, mask: masking.Mask, signals, weights):
+    outputs = model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)
+    terms = objectives.terms(cfg.targets, outputs, images, mask.mask, signals,
+                             patch_size=spec.patch_size)
+    return objectives.total(terms, weights), terms
 
-  def loss_and_grads(params, images, mask):
+  def loss_and_grads(params, images, mask, signals, weights):
+    """(loss, {term: (numerator, denominator)}, grads)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-      return jax.value_and_grad(loss_fn)(params, images, mask)
+      (loss, terms), grads = grad_fn(params, images, mask, signals, weights)
+      return loss, terms, grads
     # Micro-batch j holds rows j, j + accum, ...: the reshape stays local to each device's
     # shard, and the scan keeps only one micro-batch's activations alive. Every sample masks the
-    # same number of patches, so the mean of micro-batch losses is the full-batch loss.
+    # same number of patches, so the pixel and feature terms' denominators are equal over
+    # micro-batches and the mean of micro-batch losses is the full-batch loss (HPM's pair count
+    # is equal too unless losses tie). The logged terms add numerators and denominators.
     split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
 
     def micro_step(total, xs):
-      loss, grads = jax.value_and_grad(loss_fn)(params, *xs)
-      return jax.tree.map(jnp.add, total, (loss, grads)), None
+      (loss, terms), grads = grad_fn(params, *xs, weights)
+      return jax.tree.map(jnp.add, total, (loss, terms, grads)), None
 
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(micro_step, zeros, jax.tree.map(split, (images, mask)))
-    return jax.tree.map(lambda x: x / accum, total)
+    xs = jax.tree.map(split, (images, mask, signals))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: (jnp.zeros(()), loss_fn(params, *jax.tree.map(lambda x: x[0], xs), weights)[1],
+                 params)))
+    (loss, terms, grads), _ = jax.lax.scan(micro_step, zeros, xs)
+    return loss / accum, terms, jax.tree.map(lambda g: g / accum, grads)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     images = batch['image']
     rng = jax.random.fold_in(base_key, state.step)
-    mask = masker(jax.random.fold_in(rng, 0), images.shape[0], state.step)
-    loss, grads = loss_and_grads(state.params, images, mask)
+    # One teacher pass serves every consumer (masking signals and feature targets).
+    signals = teacher_pass(teacher_lib.teacher_params(state), images) if parts.teacher_signals else {}
+    mask = masker(jax.random.fold_in(rng, 0), images.shape[0], state.step, signals)
+    weights = objectives.term_weights(cfg.targets, state.step, parts.steps_per_epoch)
+    loss, terms, grads = loss_and_grads(state.params, images, mask, signals, weights)
     grad_norm = optax.tree.norm(grads)
     lr = parts.schedule(state.step)  # by the step counter, whatever updates were skipped
+    tau = momentum(state.step)
     # A NaN/Inf step never reaches the state: the update runs under a cond, so a skipped step
     # keeps params and moments as they are without a second copy of the state (a select would
     # hold both); the host stops the run or goes on according to nan_policy.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def update(params, opt_state):
+    def update(params, opt_state, params_ema):
       updates, opt_state = parts.tx.update(grads, opt_state, params)
-      return optim.apply_updates(params, updates, lr), opt_state
+      params = optim.apply_updates(params, updates, lr)
+      if params_ema is not None:  # the EMA follows the updated params
+        params_ema = teacher_lib.ema_update(params_ema, params, tau)
+      return params, opt_state, params_ema
 
-    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
-                                     state.opt_state)
+    params, opt_state, params_ema = jax.lax.cond(
+        finite, update, lambda *s: s, state.params, state.opt_state, state.params_ema)
     new_state = TrainState(
         step=state.step + 1, params=params, opt_state=opt_state,
         skipped_examples=state.skipped_examples + jnp.sum(batch.get('skipped', 0)),
-        nonfinite_updates=state.nonfinite_updates + (~finite).astype(jnp.int32))
-    return new_state, dict(loss=loss, lr=lr, grad_norm=grad_norm, finite=finite)
+        nonfinite_updates=state.nonfinite_updates + (~finite).astype(jnp.int32),
+        params_ema=params_ema)
+    metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, finite=finite)
+    if len(terms) > 1 or parts.teacher_signals:
+      metrics.update({f'{k}_loss': num / jnp.maximum(den, 1) for k, (num, den) in terms.items()})
+    if parts.teacher_signals:
+      metrics['ema_momentum'] = tau
+    return new_state, metrics
 
   return train_step
 
@@ -180,37 +214,16 @@ def jit_train_step(cfg, parts: Parts, mesh: Mesh, shardings):
 def make_predict_fn(cfg, parts: Parts):
   """(params, images) -> (pred, mask) with a fixed masking key, for reconstruction grids."""
   model, spec = parts.model, parts.spec
-  masker = masking.make_masker(cfg.masking, spec.grid, parts.total_steps)
+  masker = masking.make_masker(cfg.masking, spec.grid, parts.total_steps,
+                               steps_per_epoch=parts.steps_per_epoch)
+  teacher_pass = teacher_lib.make_teacher_pass(cfg, model)  # the model as its own teacher here
 
   def predict(params, images):
-    mask = masker(jax.random.key(cfg.seed + 1), images.shape[0])
-    return model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore), mask.mask
+    mask = masker(jax.random.key(cfg.seed + 1), images.shape[0], signals=teacher_pass(params, images))
+    pred = model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)['pixels']
+    return pred, mask.mask
 
   return predict
-
-
-def make_feature_fn(model: mae.MAE, mesh: Mesh, batch: int = 256):
-  """(params, images) -> mean of the encoder's patch tokens (all patches, no masking) after the
-  final norm, computed in fixed-size batches (the last one padded) so it compiles once. The
-  features come back replicated, so every process can read them."""
-  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=mae.MAE.encode)[:, 1:].mean(1),
-                   out_shardings=sharding.replicated(mesh))
-
-  def features(params, images: np.ndarray) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), batch):
-      chunk = images[i:i + batch]
-      padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(encode(params, padded))[:len(chunk)])
-    return np.concatenate(out)
-
-  return features
-
-
-def _format_eta(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
 def initial_state(cfg, parts: Parts, shardings, abstract_state, make_data_iter):
@@ -221,7 +234,10 @@ def initial_state(cfg, parts: Parts, shardings, abstract_state, make_data_iter):
   if not cfg.init_from:
     return state, make_data_iter(0)
   if not cfg.init_from_state:
-    return state.replace(params=params_from(cfg, state.params, shardings.params)), make_data_iter(0)
+    params = params_from(cfg, state.params, shardings.params)
+    # A teacher starts as a copy of the loaded params (e.g. HPM continuing an MAE run).
+    return state.replace(params=params, params_ema=params if parts.teacher_signals else None
+                         ), make_data_iter(0)
   from mim.interop import ours
   step_dir = ours.find_step_dir(cfg.init_from)
   if step_dir is None:
@@ -242,6 +258,8 @@ def initial_state(cfg, parts: Parts, shardings, abstract_state, make_data_iter):
     raise ckpt_lib.CheckpointError(
         f'{step_dir} shares no encoder parameters with this config (restored only '
         f'{restored or "nothing"}); check model.* against {cfg.init_from}/config.json.')
+  if state.params_ema is not None and any(g.startswith('params_ema') for g in fresh):
+    state = state.replace(params_ema=state.params)  # no teacher saved: it starts as the params
   data_iter, _ = ckpt_lib.restore_data_iter(source, step, make_data_iter)
   if jax.process_index() == 0:
     print(f'Initialized the {"full " if not fresh else ""}train state from {step_dir}'
@@ -259,8 +277,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   config_lib.check_batch_divides(cfg.batch_size // cfg.grad_accum_steps, jax.device_count(),
                                  jax.process_count())
   num_train = data_lib.check_source(cfg.data, cfg.data.train_split)
-  total_steps, warmup_steps = schedule_lengths(cfg, num_train)
-  parts = build_parts(cfg, total_steps, warmup_steps)
+  total_steps, warmup_steps, steps_per_epoch = schedule_lengths(cfg, num_train)
+  parts = build_parts(cfg, total_steps, warmup_steps, steps_per_epoch)
   spec = parts.spec
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -339,7 +357,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
 
     # -------------------------------------------------------------- loop
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=latest)
-    flops_per_step = flops_lib.mae_train_flops_per_image(spec, parts.keep) * cfg.batch_size
+    flops_per_step = flops_lib.train_flops_per_image(
+        spec, parts.keep, parts.teacher_signals) * cfg.batch_size
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
     pending: list = []
     t_last, step_last, t_start = time.perf_counter(), start_step, time.perf_counter()
@@ -378,11 +397,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
             last_metrics['mfu'] = flops_per_step / sec_per_step / (peak * jax.device_count())
           writer.write(step, last_metrics)
           if is_main:
-            print(f'step {step}/{total_steps} | loss {last_metrics["loss"]:.4f} | '
+            terms = ''.join(f' ({k[:-5]} {v:.4f})' for k, v in last_metrics.items()
+                            if k.endswith('_loss'))
+            print(f'step {step}/{total_steps} | loss {last_metrics["loss"]:.4f}{terms} | '
                   f'lr {last_metrics["lr"]:.2e} | {last_metrics["img_per_sec"]:.1f} img/s | '
                   f'{last_metrics["gflops_per_sec"]:.1f} GFLOP/s'
                   + (f' | MFU {100 * last_metrics["mfu"]:.1f}%' if peak else '')
-                  + f' | ETA {_format_eta(sec_per_step * (total_steps - step))}', flush=True)
+                  + f' | ETA {metrics_lib.format_duration(sec_per_step * (total_steps - step))}',
+                  flush=True)
           t_last, step_last = now, step
         if (cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0
             and step != total_steps):  # the final grid is drawn after the loop
@@ -404,32 +426,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
       if int(state.step) == total_steps and start_step < total_steps:
         save_reconstructions(total_steps)
         if cfg.eval.knn:
-          last_metrics.update(knn_evaluation(cfg, parts, state.params, shardings.params,
-                                            mesh))
+          last_metrics.update(knn_evaluation(cfg, parts, state.params, mesh))
           writer.write(total_steps, {k: v for k, v in last_metrics.items() if k.startswith('knn')})
     if is_main and int(state.step) == total_steps:
-      print(f'Done in {_format_eta(time.perf_counter() - t_start)}; workdir {workdir}', flush=True)
+      print(f'Done in {metrics_lib.format_duration(time.perf_counter() - t_start)}; '
+            f'workdir {workdir}', flush=True)
   return state, last_metrics
 
 
-def knn_evaluation(cfg, parts: Parts, params, param_shardings, mesh: Mesh) -> dict[str, float]:
-  """kNN accuracy on the eval split of the pretrained encoder and of a random-init one."""
-  spec = parts.spec
-  train_x, train_y = data_lib.load_eval_split(cfg.data, cfg.data.train_split,
-                                              image_size=spec.image_size,
-                                              max_examples=cfg.eval.knn_max_train)
-  test_x, test_y = data_lib.load_eval_split(cfg.data, cfg.data.eval_split,
-                                            image_size=spec.image_size,
-                                            max_examples=cfg.eval.knn_max_test)
-  random_params = jax.jit(lambda rng: nn.unbox(init_params(parts, rng)),
-                          out_shardings=param_shardings)(jax.random.key(cfg.seed + 12345))
-  features = make_feature_fn(parts.model, mesh)
+def knn_evaluation(cfg, parts: Parts, params, mesh: Mesh) -> dict[str, float]:
+  """kNN accuracy (mim/evaluate/run.py: seeded class-balanced subsets, streamed features, DINO
+  votes) of the pretrained encoder and of a randomly initialized one."""
+  from mim.evaluate import run as eval_run
+  bank, queries = eval_run.subsets(cfg, cfg.eval.knn_max_train, cfg.eval.knn_max_test)
+  random_init = eval_run.jitted_random_encoder(parts.spec, mesh)(jax.random.key(cfg.seed + 12345))
+  pool = 'cls' if cfg.eval.knn_pool == 'both' else cfg.eval.knn_pool
   result = {}
-  for name, p in (('pretrained', params), ('random_init', random_params)):
-    acc = knn_lib.knn_accuracy(features(p, train_x), train_y, features(p, test_x), test_y, k=cfg.eval.knn_k)
-    result[f'knn_{name}'] = acc
+  for name, encoder in (('pretrained', params['encoder']), ('random_init', random_init)):
+    knn = eval_run.knn(cfg, parts.model, {'encoder': encoder}, mesh, bank, queries)
+    result[f'knn_{name}'] = knn['accuracy'][pool][f'k{cfg.eval.knn_k}']
   if jax.process_index() == 0:
-    print(f'kNN accuracy (k={cfg.eval.knn_k}, {len(test_y)} held-out {cfg.data.name} images): '
-          f'pretrained {100 * result["knn_pretrained"]:.2f}% vs random init '
-          f'{100 * result["knn_random_init"]:.2f}%', flush=True)
+    print(f'kNN accuracy (k={cfg.eval.knn_k}, {pool} features; bank: {bank.description}; '
+          f'queries: {queries.description}): pretrained {100 * result["knn_pretrained"]:.2f}% vs '
+          f'random init {100 * result["knn_random_init"]:.2f}%', flush=True)
   return result

@@ -110,7 +110,7 @@ def test_forward_with_keep_all_equals_unmasked_encoder():
   np.testing.assert_allclose(np.asarray(tokens[:, 1:]),
                              np.take_along_axis(np.asarray(full[:, 1:]), np.asarray(m.ids_keep)[..., None], 1),
                              atol=1e-5)
-  pred = model.apply({'params': params}, images, m.ids_keep, m.ids_restore)
+  pred = model.apply({'params': params}, images, m.ids_keep, m.ids_restore)['pixels']
   assert pred.shape == (2, TINY.num_patches, TINY.patch_dim)
 
 
@@ -121,13 +121,13 @@ def test_decoder_sees_visible_tokens_in_patch_order():
   images = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
   scores = jax.random.uniform(jax.random.key(3), (1, TINY.num_patches))
   m = masking.scores_to_mask(scores, 16)
-  pred = model.apply({'params': params}, images, m.ids_keep, m.ids_restore)
+  pred = model.apply({'params': params}, images, m.ids_keep, m.ids_restore)['pixels']
   # The same visible set given in a different (sorted) order must give identical predictions.
   order = jnp.argsort(m.ids_keep, axis=1)
   ids_keep2 = jnp.take_along_axis(m.ids_keep, order, 1)
   shuffle2 = jnp.concatenate([ids_keep2, jnp.argsort(m.ids_restore, axis=1)[:, 16:]], axis=1)
   ids_restore2 = jnp.argsort(shuffle2, axis=1)
-  pred2 = model.apply({'params': params}, images, ids_keep2, ids_restore2)
+  pred2 = model.apply({'params': params}, images, ids_keep2, ids_restore2)['pixels']
   np.testing.assert_allclose(np.asarray(pred), np.asarray(pred2), atol=1e-5)
 
 

@@ -52,7 +52,9 @@ def test_two_processes_match_one(runs):
   _, pa = interop.load(single)
   _, pb = interop.load(multi)
   diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), pa, pb)
-  assert max(jax.tree.leaves(diffs)) <= 1e-5
+  # Params move ~2e-3 in 3 steps; Adam turns the rounding noise of gradients that are zero in
+  # exact arithmetic (the key biases') into up to ~1e-4 (the grad_norm check is the sharp one).
+  assert max(jax.tree.leaves(diffs)) <= 1e-4
 
 
 def test_only_process_zero_writes(runs):

@@ -97,7 +97,9 @@ def save(config: ml_collections.ConfigDict, params: dict[str, Any], fmt: str, pa
   if fmt not in FORMATS:
     raise InteropError(f'Unknown export format {fmt!r}; choose one of {FORMATS}.')
   spec = mae.spec_from_config(config.model)
-  params = jax.tree.map(np.asarray, params)  # also takes jax arrays, e.g. a TrainState's params
+  # The MAE part (encoder + reconstructor); method heads (HPM's loss predictor, a feature head)
+  # have no counterpart in the PyTorch formats.
+  params = {k: jax.tree.map(np.asarray, v) for k, v in params.items() if k in ('encoder', 'decoder')}
   check_compatible(params, torch_layout.abstract_params(spec))
   base = files.stem(path)
   os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
@@ -150,7 +152,7 @@ def mae_forward(config: ml_collections.ConfigDict, params: dict[str, Any], image
   ranks = np.argsort(np.argsort(np.asarray(noise), axis=1, kind='stable'), axis=1)
   m = masking.scores_to_mask(jnp.asarray(ranks, jnp.int32),
                              masking.num_keep(spec.num_patches, config.masking.ratio))
-  pred = mae.MAE(spec).apply({'params': params}, x, m.ids_keep, m.ids_restore)
+  pred = mae.MAE(spec).apply({'params': params}, x, m.ids_keep, m.ids_restore)['pixels']
   loss, _ = objectives.pixel_reconstruction_loss(pred, x, m.mask, patch_size=spec.patch_size,
                                                  norm_pix=config.targets.norm_pix)
   out = dict(loss=loss, pred=pred, mask=m.mask, ids_restore=m.ids_restore)

@@ -1,8 +1,15 @@
-"""Masked autoencoder: ViT encoder on visible patches + a light transformer decoder + pixel head.
+"""Masked autoencoder: ViT encoder on visible patches + a light transformer decoder + heads.
 
 The decoder's parameters live under `decoder/`: embed (Dense D->Dd), mask_token (1,1,Dd),
 Transformer/decoderblock_{i}/..., Transformer/decoder_norm, pred (Dense Dd->p*p*3).
 The forward pass follows the official `models_mae.py` (methods.md §1.5).
+
+Optional heads, each a top-level parameter group (so the MAE part keeps its interop names):
+- `loss_predictor/` (HPM, methods.md §3.1): a second decoder stack of the decoder's shape on the
+  same input tokens (decoder embed, mask token and positions shared), whose p*p*3 outputs are
+  averaged to one predicted loss per patch;
+- `feature_head/` (EMA feature targets, §4.1-4.2): Dense Dd->D on the decoder's output tokens.
+The model returns named outputs: {'pixels', 'loss_pred' (HPM), 'features' (feature head)}.
 """
 import dataclasses
 
@@ -37,6 +44,8 @@ class ModelSpec:
   decoder_heads: int
   decoder_mlp_dim: int
   remat: bool = False
+  loss_predictor: bool = False   # HPM's second decoder (per-patch loss predictions)
+  feature_head: bool = False     # a head regressing teacher features (width D) from the decoder
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -62,7 +71,8 @@ def spec_from_config(model_cfg) -> ModelSpec:
       decoder_width=model_cfg.decoder_width, decoder_depth=model_cfg.decoder_depth,
       decoder_heads=model_cfg.decoder_heads,
       decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width,
-      remat=model_cfg.remat)
+      remat=model_cfg.remat, loss_predictor=model_cfg.loss_predictor,
+      feature_head=model_cfg.feature_head)
 
 
 def example_inputs(spec: ModelSpec, keep: int = 1, batch: int = 1):
@@ -79,8 +89,16 @@ def abstract_params(spec: ModelSpec) -> dict:
   return sharding.strip_boxes(boxed['params'])
 
 
+def _dense(features: int, name=None, out_axis=None):
+  """A Dense with the MAE init (xavier, zero bias) from an `embed`-sharded input."""
+  return nn.Dense(features, name=name, kernel_init=vit._logical(vit.XAVIER, ('embed', out_axis)),
+                  bias_init=nn.initializers.zeros)
+
+
 class Decoder(nn.Module):
-  """Encoder tokens (B, 1+K, D) + ids_restore (B, L) -> per-patch predictions (B, L, out_dim)."""
+  """`tokens`: encoder tokens (B, 1+K, D) + ids_restore (B, L) -> decoder input (B, 1+L, Dd), in
+  patch order with mask tokens and positions; `__call__`: that input -> (output tokens after the
+  final norm (B, 1+L, Dd), per-patch pixel predictions (B, L, out_dim))."""
   width: int
   depth: int
   num_heads: int
@@ -88,26 +106,46 @@ class Decoder(nn.Module):
   out_dim: int
   remat: bool = False
 
-  @nn.compact
-  def __call__(self, tokens: jax.Array, ids_restore: jax.Array) -> jax.Array:
+  def setup(self):
+    self.embed = nn.Dense(self.width, kernel_init=vit._logical(vit.XAVIER, (None, 'embed')),
+                          bias_init=vit._logical(nn.initializers.zeros, ('embed',)))
+    self.mask_token = self.param('mask_token',
+                                 vit._logical(vit.TOKEN_INIT, (None, None, 'embed')),
+                                 (1, 1, self.width))
+    self.Transformer = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='decoder',
+                                       remat=self.remat)
+    self.pred = _dense(self.out_dim)
+
+  def tokens(self, tokens: jax.Array, ids_restore: jax.Array) -> jax.Array:
     b, num_patches = ids_restore.shape
-    x = nn.Dense(self.width, name='embed', kernel_init=vit._logical(vit.XAVIER, (None, 'embed')),
-                 bias_init=vit._logical(nn.initializers.zeros, ('embed',)))(tokens)
-    mask_token = self.param('mask_token', vit._logical(vit.TOKEN_INIT, (None, None, 'embed')),
-                            (1, 1, self.width))
+    x = self.embed(tokens)
     num_masked = num_patches + 1 - x.shape[1]
     # [visible..., mask tokens...] is in shuffled order; ids_restore puts it back in patch order.
     patch_tokens = jnp.concatenate(
-        [x[:, 1:], jnp.broadcast_to(mask_token, (b, num_masked, self.width))], axis=1)
+        [x[:, 1:], jnp.broadcast_to(self.mask_token, (b, num_masked, self.width))], axis=1)
     patch_tokens = vit.gather_tokens(patch_tokens, ids_restore)
     side = int(round(num_patches ** 0.5))
     x = jnp.concatenate([x[:, :1], patch_tokens], axis=1) + vit.sincos_table(self.width, (side, side))
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    hidden = self.Transformer(x)
+    return hidden, self.pred(hidden)[:, 1:]  # the cls output is dropped
+
+
+class LossPredictor(nn.Module):
+  """HPM's loss predictor: decoder input (B, 1+L, Dd) -> a predicted loss per patch (B, L)."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  out_dim: int
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='decoder',
                         remat=self.remat, name='Transformer')(x)
-    x = nn.Dense(self.out_dim, name='pred', kernel_init=vit._logical(vit.XAVIER, ('embed', None)),
-                 bias_init=nn.initializers.zeros)(x)
-    return x[:, 1:]  # the cls output is dropped
+    return _dense(self.out_dim, 'pred')(x)[:, 1:].mean(axis=-1)
 
 
 class MAE(nn.Module):
@@ -118,11 +156,32 @@ class MAE(nn.Module):
     self.encoder = vit.Encoder(s.patch_size, s.width, s.depth, s.num_heads, s.mlp_dim, s.remat)
     self.decoder = Decoder(s.decoder_width, s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
                            s.patch_dim, s.remat)
+    if s.loss_predictor:
+      self.loss_predictor = LossPredictor(s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
+                                          s.patch_dim, s.remat)
+    if s.feature_head:
+      self.feature_head = _dense(s.width)
 
-  def __call__(self, images: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array) -> jax.Array:
-    """Normalized images (B,H,W,3) -> predictions (B, L, p*p*3) in patchify order."""
-    return self.decoder(self.encoder(images, ids_keep), ids_restore)
+  def __call__(self, images: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array
+               ) -> dict[str, jax.Array]:
+    """Normalized images (B,H,W,3) -> {'pixels': (B, L, p*p*3) in patchify order, and with the
+    heads 'loss_pred' (B, L), 'features' (B, L, D)}."""
+    x = self.decoder.tokens(self.encoder(images, ids_keep), ids_restore)
+    hidden, pixels = self.decoder(x)
+    out = {'pixels': pixels}
+    if self.spec.loss_predictor:
+      out['loss_pred'] = self.loss_predictor(x)
+    if self.spec.feature_head:
+      out['features'] = self.feature_head(hidden[:, 1:])
+    return out
 
   def encode(self, images: jax.Array, ids_keep=None) -> jax.Array:
     """Encoder tokens (B, 1+K, D) after the final norm; all patches when ids_keep is None."""
     return self.encoder(images, ids_keep)
+
+  def predict_loss(self, tokens: jax.Array) -> jax.Array:
+    """The loss predictor on encoder tokens of all patches (B, 1+L, D) -> (B, L); HPM's teacher
+    pass (the reconstructor is skipped)."""
+    b, n = tokens.shape[0], tokens.shape[1] - 1
+    ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    return self.loss_predictor(self.decoder.tokens(tokens, ids))

@@ -10,6 +10,9 @@ The positional embedding is the fixed MAE sin-cos table: a constant, not a param
 
 Every parameter and block-boundary activation carries logical axis names (see mim/sharding.py),
 so one code path runs on 1 device and on a (data, fsdp, tensor) mesh.
+
+Applied with `mutable=['attention']`, every attention layer also sows the cls token's attention
+over the patches ('cls_to_patches', averaged over heads), for attention-guided masking.
 """
 from typing import Any, Optional
 
@@ -111,6 +114,12 @@ class MultiHeadDotProductAttention(nn.Module):
     q, k, v = (Projection((self.num_heads, head_dim), 1, QKV_INIT, ('embed', 'heads', 'kv'),
                           ('heads', 'kv'), name=name)(x) for name in ('query', 'key', 'value'))
     y = jax.nn.dot_product_attention(q, k, v)  # scale head_dim**-0.5, softmax in fp32
+    if self.is_mutable_collection('attention'):
+      # Only when asked (AttMask's teacher pass): the cls token's attention over the patches,
+      # averaged over heads, (B, L). The fused path above never materializes the weights.
+      logits = jnp.einsum('bhd,bkhd->bhk', q[:, 0], k) / np.sqrt(head_dim)
+      self.sow('attention', 'cls_to_patches',
+               jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :, 1:].mean(axis=1))
     y = nn.with_logical_constraint(y, ('batch', 'length', 'act_heads', None))
     return Projection((width,), 2, XAVIER, ('heads', 'kv', 'embed'), ('embed',), name='out')(y)
 
