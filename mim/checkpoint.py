@@ -153,7 +153,6 @@ def signature_differences(saved: dict, wanted: dict, step: int) -> list[str]:
 
 
 def mismatch_message(step_dir: str, lines: list[str], config: Optional[dict]) -> str:
-  step = os.path.basename(step_dir)
   workdir = os.path.dirname(os.path.dirname(step_dir))
   shown = '; '.join(lines[:6]) + (f'; and {len(lines) - 6} more' if len(lines) > 6 else '')
   keys = config_differences(read_saved_config(step_dir), config)

@@ -167,7 +167,7 @@ def make_train_step(cfg, parts: Parts):
     images = batch['image']
     rng = jax.random.fold_in(base_key, state.step)
     # One teacher pass serves every consumer (masking signals and feature targets).
-    signals = teacher_pass(teacher_lib.teacher_params(state), images) if parts.teacher_signals else {}
+    signals = teacher_pass(teacher_lib.teacher_params(state), images)   # {} without a teacher
     mask = masker(jax.random.fold_in(rng, 0), images.shape[0], state.step, signals)
     weights = objectives.term_weights(cfg.targets, state.step, parts.steps_per_epoch)
     loss, terms, grads = loss_and_grads(state.params, images, mask, signals, weights)

@@ -119,7 +119,7 @@ def test_alpha_follows_its_formula_by_step_and_by_epoch():
 
 
 def test_hard_patches_masks_the_predicted_hardest_and_the_rest_at_random():
-  grid, keep, total = (14, 14), 49, 100
+  grid, total = (14, 14), 100   # 49 visible, 147 masked
   masker = masking.make_masker(masking_cfg('hard_patches'), grid, total)
   rng = np.random.default_rng(0)
   predicted = jnp.asarray(rng.permutation(196)[None].repeat(8, 0) + rng.random((8, 196)),
@@ -140,7 +140,7 @@ def test_hard_patches_masks_the_predicted_hardest_and_the_rest_at_random():
 
 
 def test_attmask_selects_most_least_attended_and_hints():
-  grid, keep = (4, 4), 4                          # 12 masked
+  grid = (4, 4)                                   # 4 visible, 12 masked
   attention = jnp.asarray(np.random.default_rng(2).random((5, 16)), jnp.float32)
   order = np.argsort(-np.asarray(attention), axis=1)
   for mode, masked in (('high', order[:, :12]), ('low', order[:, 4:])):
@@ -149,7 +149,7 @@ def test_attmask_selects_most_least_attended_and_hints():
     np.testing.assert_array_equal(m.sum(1), 12)
     for b in range(5):
       assert set(np.flatnonzero(m[b])) == set(masked[b])
-  grid, keep = (10, 10), 25                       # hints: 7 of the top 10 revealed (0.1 * 75)
+  grid = (10, 10)                      # 25 visible; hints: 7 of the top 10 revealed (0.1 * 75)
   attention = jnp.asarray(np.random.default_rng(3).random((6, 100)), jnp.float32)
   order = np.argsort(-np.asarray(attention), axis=1)
   m = np.asarray(masking.make_masker(masking_cfg('attention', mode='hints'), grid, 10)(
