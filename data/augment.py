@@ -2,11 +2,15 @@
 'rand-m9-mstd0.5-inc1' on the uint8 image, random erasing (probability 0.25, mode 'pixel', one
 box) on the normalized one. Both are functions of a numpy Generator: seeded, reproducible."""
 import math
+from collections.abc import Sequence
 
+import grain
 import numpy as np
 from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
+
+from data import transforms
 
 
 def random_erasing(image: np.ndarray, rng: np.random.Generator, *, probability: float = 0.25,
@@ -97,3 +101,25 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 
     m = min(_MAX_LEVEL, max(0.0, m))
     img = _OPS[name](img, m / _MAX_LEVEL, rng)
   return np.asarray(img)
+
+
+class FinetuneAugment(grain.transforms.RandomMap):
+  """One cropped uint8 example -> RandAugment -> normalized float32 -> random erasing (timm's
+  order). Seeded per example like the crop (data/pipeline.py), so the stream does not depend on
+  the process count."""
+
+  def __init__(self, mean: Sequence[float], std: Sequence[float], *, num_ops: int = 2,
+               magnitude: float = 9.0, magnitude_std: float = 0.5, erasing: float = 0.25):
+    self.mean, self.std = tuple(mean), tuple(std)
+    self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
+    self.erasing = erasing
+
+  def random_map(self, element, rng: np.random.Generator):
+    image = element['image']
+    if self.num_ops:
+      image = rand_augment(image, rng, num_ops=self.num_ops, magnitude=self.magnitude,
+                           magnitude_std=self.magnitude_std)
+    image = transforms.normalize(image, self.mean, self.std)
+    if self.erasing:
+      image = random_erasing(image, rng, probability=self.erasing)
+    return {**element, 'image': image}

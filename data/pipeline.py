@@ -10,8 +10,8 @@ from data import transforms
 
 def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        start_batch: int = 0, source: sources.Source | None = None
-                        ) -> grain.IterDataset:
+                        start_batch: int = 0, source: sources.Source | None = None,
+                        augment: grain.transforms.RandomMap | None = None) -> grain.IterDataset:
   """Infinite stream of this process's batches of normalized f32 'image' (b, S, S, 3) and i32
   'label' and 'skipped' (b,), where skipped is 1 for an example that stands in for an unreadable
   record.
@@ -24,7 +24,9 @@ def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
   multiprocess split, so the stream is the same for every cfg.num_workers; only the iterator
   state's layout differs. `start_batch` skips that many batches without reading them (resuming
   when no iterator state fits, e.g. after a change of process count). `source` replaces the
-  records of cfg.train_split (e.g. a probe's class-balanced subset of it).
+  records of cfg.train_split (e.g. a probe's class-balanced subset of it). `augment` (e.g.
+  data.augment.FinetuneAugment) runs on each cropped uint8 example, seeded the same way, and
+  returns it normalized (the batch-level normalization is then skipped).
   """
   source = sources.make_source(cfg, cfg.train_split) if source is None else source
   if len(source) < batch_size * process_count:
@@ -36,12 +38,15 @@ def build_train_dataset(cfg, *, image_size: int, batch_size: int, seed: int,
         .seed(seed)
         .shuffle()  # Reshuffles every epoch: repeat() passes the epoch on in the index.
         .random_map(crop))
+  if augment is not None:  # a later random_map draws from its own stream (grain seeds by depth)
+    ds = ds.random_map(augment)
   ds = (GlobalBatchShard(ds, batch_size, process_index, process_count)
         .repeat()
         .batch(batch_size, drop_remainder=True)
-        [start_batch:]
-        .map(transforms.Normalize(cfg.mean, cfg.std))
-        .to_iter_dataset(_read_options(cfg.num_workers, elements_per_thread=1)))
+        [start_batch:])
+  if augment is None:
+    ds = ds.map(transforms.Normalize(cfg.mean, cfg.std))
+  ds = ds.to_iter_dataset(_read_options(cfg.num_workers, elements_per_thread=1))
   if cfg.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   return ds

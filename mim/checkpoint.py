@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 TRANSIENT_RETRIES = 3
 # Config sections that shape the train state: listed first among the differing keys.
-STATE_SECTIONS = ('model', 'optim', 'targets', 'masking', 'teacher', 'loss_predictor')
+STATE_SECTIONS = ('model', 'optim', 'targets', 'masking', 'teacher', 'loss_predictor', 'finetune')
 
 
 class CheckpointError(RuntimeError):

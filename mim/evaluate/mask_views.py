@@ -5,8 +5,12 @@ Writes under W/visualize/:
                        scheduled noise color) with the masked patches grey
   spectrum_<name>.png  each row's radially averaged power spectrum of the visible-patch indicator
                        over many masks (white / random masking is flat)
+  reconstructions_<label>.png  with `init_from` (weights with a decoder): original / masked /
+                       reconstruction / reconstruction with the visible patches pasted, per row
+                       (mim/evaluate/recon_views.py; the model and its size come from the weights)
 With `masking.name='all'`, every strategy that needs no signals from a model is a row, and
 colored_noise one row per color (generated noise with the configured sigmas; random is white).
+The images are `visualize.images` (any image files) or the eval split's first ones.
 """
 import os
 from typing import NamedTuple
@@ -15,14 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 
-import data as data_lib
 from mim import config as config_lib
 from mim import masking
+from mim.evaluate import recon_views
 from mim.masks import colored_noise
 from mim.models import mae
 from mim.patches import unpatchify
 
-_COLS = 8              # images per row
 _SPECTRUM_MASKS = 1024  # masks per spectrum
 _ALL_COLORS = ('red', 'green', 'blue', 'purple')
 
@@ -132,22 +135,38 @@ def save_spectrum_plot(path: str, curves: list[tuple[str, np.ndarray, np.ndarray
 
 
 def visualize(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Writes the mask grid and the spectrum plot under `workdir`/visualize; returns their paths."""
+  """Writes the mask grid and the spectrum plot under `workdir`/visualize, and with init_from the
+  reconstructions; returns their paths."""
+  params = None
+  if cfg.init_from:  # the model (and its grid) of the weights
+    cfg, params, norm_pix_source = recon_views.load_weights(cfg)
+    print(f'Reconstructions by {cfg.init_from} (ViT {cfg.model.width}x{cfg.model.depth}, patch '
+          f'{cfg.model.patch_size}, {cfg.model.image_size} px; norm_pix={cfg.targets.norm_pix} '
+          f'from {norm_pix_source}).', flush=True)
   rows = views(cfg)
   spec = mae.spec_from_config(cfg.model)
-  images, _ = data_lib.load_eval_split(cfg.data, cfg.data.eval_split, image_size=spec.image_size,
-                                       max_examples=_COLS)
+  images = recon_views.load_images(cfg, spec.image_size)
   out = os.path.join(workdir, 'visualize')
   os.makedirs(out, exist_ok=True)
   name = cfg.masking.name
-  masks = [draw(v, _SPECTRUM_MASKS, cfg.seed) for v in rows]   # the grid shows the first few
-  masks_path = os.path.join(out, f'masks_{name}.png')
-  save_mask_grid(masks_path, images, [(v.label, m[:len(images)]) for v, m in zip(rows, masks)],
-                 spec.patch_size, cfg.data.mean, cfg.data.std)
-  curves = [(v.label, *radial_spectrum(1.0 - m)) for v, m in zip(rows, masks)]
-  spectrum_path = os.path.join(out, f'spectrum_{name}.png')
-  save_spectrum_plot(spectrum_path, curves,
-                     f'visible patches, {_SPECTRUM_MASKS} masks on the {spec.grid[0]}x'
-                     f'{spec.grid[1]} grid, ratio {cfg.masking.ratio}')
-  # (Reconstructions from a checkpoint, per strategy, belong here too: a later addition.)
-  return [masks_path, spectrum_path]
+  # Teacher-driven masks depend on a model's outputs for each image: only reconstructions show them.
+  drawn = [v for v in rows if not masking.get_strategy(v.cfg.masking.name).needs]
+  if not drawn and params is None:
+    raise config_lib.ConfigError(
+        f'masking.name={name!r} masks by a model\'s outputs: give --config.init_from=W_OR_WEIGHTS '
+        'to draw its reconstructions.')
+  paths = []
+  if drawn:
+    masks = [draw(v, _SPECTRUM_MASKS, cfg.seed) for v in drawn]   # the grid shows the first few
+    masks_path = os.path.join(out, f'masks_{name}.png')
+    save_mask_grid(masks_path, images, [(v.label, m[:len(images)]) for v, m in zip(drawn, masks)],
+                   spec.patch_size, cfg.data.mean, cfg.data.std)
+    curves = [(v.label, *radial_spectrum(1.0 - m)) for v, m in zip(drawn, masks)]
+    spectrum_path = os.path.join(out, f'spectrum_{name}.png')
+    save_spectrum_plot(spectrum_path, curves,
+                       f'visible patches, {_SPECTRUM_MASKS} masks on the {spec.grid[0]}x'
+                       f'{spec.grid[1]} grid, ratio {cfg.masking.ratio}')
+    paths += [masks_path, spectrum_path]
+  if params is not None:
+    paths += recon_views.save_reconstructions(rows, params, images, out, cfg.seed)
+  return paths

@@ -1,4 +1,5 @@
-"""MAE reconstruction grids: original / masked input / reconstruction, as a uint8 RGB image."""
+"""MAE reconstruction grids: original / masked input / [raw reconstruction /] reconstruction with
+the visible patches pasted, as a uint8 RGB image."""
 import math
 import os
 from typing import Sequence
@@ -20,7 +21,8 @@ def _to_uint8(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
 
 def reconstruction_grid(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, *, patch_size: int,
-                        mean: Sequence[float], std: Sequence[float], norm_pix: bool) -> np.ndarray:
+                        mean: Sequence[float], std: Sequence[float], norm_pix: bool,
+                        raw_row: bool = False) -> np.ndarray:
   """Returns a uint8 (rows, cols, 3) grid visualizing MAE reconstructions.
 
   Args:
@@ -32,10 +34,13 @@ def reconstruction_grid(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, 
     norm_pix: whether `pred` predicts per-patch standardized targets. Each patch is then
       un-normalized with its own statistics over the normalized input (unbiased variance, as
       in the MAE loss): pred * sqrt(var + 1e-6) + mean.
+    raw_row: also draw the model's output on every patch (visible ones included: what the
+      decoder makes of the patches it saw), before the pasted row.
 
-  Each band of up to 8 images is three rows: original, masked input (masked patches mid-grey),
-  and reconstruction with the visible patches pasted from the original. Tiles are separated by
-  2 white pixels; images smaller than 64 px are upscaled (nearest) to at least 64 px.
+  Each band of up to 8 images is three rows (four with `raw_row`): original, masked input
+  (masked patches mid-grey), [raw reconstruction,] and reconstruction with the visible patches
+  pasted from the original. Tiles are separated by 2 white pixels; images smaller than 64 px are
+  upscaled (nearest) to at least 64 px.
   """
   images = np.asarray(images, np.float32)
   pred = np.asarray(pred, np.float32)
@@ -56,18 +61,22 @@ def reconstruction_grid(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, 
   original = _to_uint8(images, mean, std)
   masked = np.where(pixel_mask, np.uint8(_GREY), original)
   reconstructed = _to_uint8(unpatchify(recon, p, grid_hw, c), mean, std)
+  shown = [original, masked, reconstructed]
+  if raw_row:
+    shown.insert(2, _to_uint8(unpatchify(pred, p, grid_hw, c), mean, std))
 
   scale = max(1, math.ceil(_MIN_TILE / min(h, w)))
-  rows = [np.repeat(np.repeat(x, scale, axis=1), scale, axis=2) for x in (original, masked, reconstructed)]
+  rows = [np.repeat(np.repeat(x, scale, axis=1), scale, axis=2) for x in shown]
   th, tw = h * scale, w * scale
   cols = min(b, _COLS)
   bands = math.ceil(b / _COLS)
-  out = np.full((3 * bands * (th + _GAP) - _GAP, cols * (tw + _GAP) - _GAP, c), 255, np.uint8)
+  n = len(rows)
+  out = np.full((n * bands * (th + _GAP) - _GAP, cols * (tw + _GAP) - _GAP, c), 255, np.uint8)
   for i in range(b):
     band, col = divmod(i, _COLS)
     x0 = col * (tw + _GAP)
     for r, row in enumerate(rows):
-      y0 = (3 * band + r) * (th + _GAP)
+      y0 = (n * band + r) * (th + _GAP)
       out[y0:y0 + th, x0:x0 + tw] = row[i]
   return out
 

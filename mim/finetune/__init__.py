@@ -1,2 +1,3 @@
-"""Fine-tuning pieces (MAE protocol, methods.md §1.8): layer-wise lr decay, mixup / cutmix
-(RandAugment and random erasing are in data/augment.py). No training loop yet."""
+"""Fine-tuning, MAE protocol (methods.md §1.8): the loop (train.py, `main.py --mode=finetune`),
+the classifier (model.py), layer-wise lr decay, mixup / cutmix (RandAugment and random erasing
+are in data/augment.py)."""
