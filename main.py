@@ -1,10 +1,12 @@
 """Entry point: python main.py --config=configs/demo.py --workdir=W
-  [--mode=train|summary|export|eval|visualize].
+  [--mode=train|summary|export|eval|finetune|visualize].
 
 Export weights for PyTorch (timm, Hugging Face ViTMAE, official MAE; see mim/interop):
   python main.py --mode=export --workdir=W --export_format=timm|hf|mae --export_path=P
 Evaluate a checkpoint or any weights (kNN, linear / attentive probes; see mim/evaluate/run.py):
   python main.py --mode=eval --config=configs/linprobe_vitb.py --config.init_from=W_OR_FILE --workdir=W2
+Fine-tune a checkpoint or any weights, MAE protocol (see mim/finetune/train.py; a rerun resumes):
+  python main.py --mode=finetune --config=configs/finetune_vitb.py --config.init_from=W_OR_FILE --workdir=W2
 
 Draw the configured masking strategy (or every one: --config.masking.name=all) on real images,
 with the masks' power spectra (see mim/evaluate/mask_views.py):
@@ -20,7 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images; a rerun resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'summary', 'export', 'eval', 'visualize'],
+flags.DEFINE_enum('mode', 'train', ['train', 'summary', 'export', 'eval', 'finetune', 'visualize'],
                   'What to do with the config.')
 flags.DEFINE_enum('export_format', None, ['timm', 'hf', 'mae'],
                   'For --mode=export: timm (P.safetensors + P.npz, encoder), hf (directory P), '
@@ -64,6 +66,7 @@ def main(argv):
       from mim import summary
       config_lib.validate(cfg)
       print(summary.summarize(cfg))
+      print(summary.scale_plan(cfg))
       print(summary.format_memory_plan(summary.memory_plan(cfg)))
       return
     if not FLAGS.workdir:
@@ -71,6 +74,10 @@ def main(argv):
     if FLAGS.mode == 'eval':
       from mim.evaluate import run as eval_run
       eval_run.evaluate(cfg, FLAGS.workdir)
+      return
+    if FLAGS.mode == 'finetune':
+      from mim.finetune import train as finetune_train
+      finetune_train.finetune(cfg, FLAGS.workdir)
       return
     if FLAGS.mode == 'visualize':
       from mim.evaluate import mask_views

@@ -3,7 +3,9 @@
   python bench/data_pipeline.py --source=folder --image_size=224 --num_workers=0,2 --batch=64 --json
 
 `folder` first writes 256 synthetic ImageNet-sized JPEGs (500x375, smooth random content) to a
-temporary directory; `npz` writes 4096 random 32x32 images; `digits` needs nothing.
+temporary directory; `tfds` writes the same images as a TFDS ArrayRecord dataset (JPEG-encoded,
+as `tfds build imagenet2012` stores them); `npz` writes 4096 random 32x32 images; `digits` needs
+nothing.
 """
 import json
 import os
@@ -22,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_enum('source', 'folder', ['folder', 'digits', 'npz'], 'Which source to read.')
+flags.DEFINE_enum('source', 'folder', ['folder', 'tfds', 'digits', 'npz'], 'Which source to read.')
 flags.DEFINE_integer('image_size', 224, 'Output image side.')
 flags.DEFINE_list('num_workers', ['0', '2'], 'grain worker process counts to compare.')
 flags.DEFINE_integer('batch', 64, 'Per-process batch size.')
@@ -33,16 +35,45 @@ FLAGS = flags.FLAGS
 WARMUP_BATCHES = 2  # The first includes worker start-up, the second drains the first prefetch.
 
 
+def photo_like(rng: np.random.Generator) -> Image.Image:
+  """A low-frequency colour field plus mild noise: JPEG-compresses like a photo, unlike noise."""
+  coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize(
+      (500, 375), Image.Resampling.BICUBIC)
+  pixels = np.asarray(coarse, np.int16) + rng.integers(-12, 13, (375, 500, 3))
+  return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
 def write_folder(root: pathlib.Path, n: int = 256, classes: int = 4) -> None:
   rng = np.random.default_rng(0)
   for i in range(n):
-    # Low-frequency colour field plus mild noise: JPEG-compresses like a photo, unlike pure noise.
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize(
-        (500, 375), Image.Resampling.BICUBIC)
-    pixels = np.asarray(coarse, np.int16) + rng.integers(-12, 13, (375, 500, 3))
     path = root / f'class_{i % classes}' / f'{i:04d}.jpg'
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    photo_like(rng).save(path, quality=90)
+
+
+def write_tfds(data_dir: pathlib.Path, n: int = 256, classes: int = 4) -> str:
+  """Writes the folder's images as a TFDS ArrayRecord dataset; returns its name."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+
+  class BenchImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+    code_path = None  # downloads nothing (no checksums file to look for)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+          'label': tfds.features.ClassLabel(num_classes=classes)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      rng = np.random.default_rng(0)
+      for i in range(n):
+        yield i, {'image': photo_like(rng), 'label': i % classes}
+
+  BenchImages(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+  return 'bench_images'
 
 
 def make_cfg(tmp: pathlib.Path) -> ml_collections.ConfigDict:
@@ -53,6 +84,8 @@ def make_cfg(tmp: pathlib.Path) -> ml_collections.ConfigDict:
       max_skipped_fraction=0.01))
   if FLAGS.source == 'folder':
     write_folder(tmp / 'train')
+  elif FLAGS.source == 'tfds':
+    cfg.name = write_tfds(tmp)
   elif FLAGS.source == 'npz':
     rng = np.random.default_rng(0)
     np.savez(tmp / 'train.npz', images=rng.integers(0, 256, (4096, 32, 32, 3), np.uint8),

@@ -10,7 +10,6 @@ masker runs inside the step in training, so alone it also pays a dispatch: an up
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -22,6 +21,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 import train_step  # noqa: E402  (bench/train_step.py: its flags --model, --batch, --steps)
+from mim import flops as flops_lib  # noqa: E402
 from mim import masking  # noqa: E402
 
 flags.DEFINE_integer('mask_reps', 50, 'Timed masker calls per strategy.')
@@ -45,12 +45,6 @@ def masker_seconds(masking_cfg: ml_collections.ConfigDict, grid, batch: int, rep
   return statistics.median(times)
 
 
-def cpu_name() -> str:
-  out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-  return next((line.split(':', 1)[1].strip() for line in out.splitlines()
-               if line.startswith('Model name')), 'unknown')
-
-
 def main(argv):
   del argv
   cfg = train_step.load_config(FLAGS.model)
@@ -59,7 +53,7 @@ def main(argv):
   grid = parts.spec.grid
   print(f'{FLAGS.model} train step, batch {FLAGS.batch}, {grid[0]}x{grid[1]} grid: '
         f'{step_s:.3f} s/step on {jax.device_count()}x {jax.devices()[0].device_kind} '
-        f'({cpu_name()}), {datetime.date.today()}')
+        f'({flops_lib.cpu_name()}), {datetime.date.today()}')
   print('| strategy | masker ms | fraction of the step |\n|---|---|---|')
   for label, name, overrides in VARIANTS:
     m = ml_collections.ConfigDict(cfg.masking.to_dict())

@@ -10,7 +10,6 @@ median of several steps is kept, so the ratios are measured in one run on one ma
 """
 import json
 import os
-import platform
 import statistics
 import sys
 
@@ -44,13 +43,6 @@ def method_configs(model: str) -> dict:
   return cfgs
 
 
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    return platform.processor()
-
 
 def main(argv):
   del argv
@@ -69,7 +61,7 @@ def main(argv):
   base = built['mae']
   base_sec = statistics.median(base['times'])
   rows = []
-  print(f'{FLAGS.model} batch {FLAGS.batch}, {jax.devices()[0].device_kind} ({cpu_name()}), '
+  print(f'{FLAGS.model} batch {FLAGS.batch}, {jax.devices()[0].device_kind} ({flops_lib.cpu_name()}), '
         f'{jax.device_count()} device(s)')
   print(f'{"method":<16} {"s/step":>8} {"x MAE":>7} {"GFLOP/step":>11} {"FLOP x MAE":>11} '
         f'{"measured/FLOP":>14} {"compile s":>10}')
@@ -83,7 +75,7 @@ def main(argv):
     print(f'{name:<16} {sec:8.3f} {row["time_ratio"]:7.2f} {row["gflop_per_step"]:11.1f} '
           f'{row["flop_ratio"]:11.2f} {row["measured_over_flop"]:14.2f} {row["compile_s"]:10.1f}')
   if FLAGS.json:
-    print(json.dumps(dict(model=FLAGS.model, batch=FLAGS.batch, cpu=cpu_name(), methods=rows)))
+    print(json.dumps(dict(model=FLAGS.model, batch=FLAGS.batch, cpu=flops_lib.cpu_name(), methods=rows)))
 
 
 if __name__ == '__main__':

@@ -53,11 +53,6 @@ def get_config(arg=None):
   c.masking.radial.num_sectors = 6
   # Teacher-driven methods: a faster EMA than the ImageNet recipes' (600 steps, not 100 epochs).
   c.teacher.update(dict(momentum=((0.0, 0.99), (300.0, 0.999)), momentum_unit='steps'))
-  if method == 'hpm':
-    c.model.loss_predictor = True
-    c.targets.loss_pred_weight = 1.0
-  if method == 'data2vec':   # MAE-style student + EMA feature targets (BootMAE-like, with pixels)
-    c.model.feature_head = True
-    c.targets.update(dict(feature_weight=1.0, feature_top_k=3))
+  config_lib.add_method_heads(c, method, feature_top_k=3)
   c.eval.knn = True
   return c

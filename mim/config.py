@@ -29,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.nan_policy = 'stop'           # NaN/Inf loss or gradients: 'stop' (clear error) or 'skip' the update
   c.init_from = ''                # weights to start from when the workdir has no checkpoint
   c.init_from_state = False       # with init_from = one of our runs: its full state, not only params
-  c.peak_tflops_per_device = 0.0  # for MFU; 0 = from the device table (mim/flops.py)
+  c.peak_tflops_per_device = 0.0  # for MFU; 0 = datasheet table (TPU/GPU), measured+cached (CPU)
 
   c.model = ml_collections.ConfigDict(dict(
       variant='B',                # ViT preset: Ti, S, B, L, H ('' = give width/depth/num_heads)
@@ -38,7 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
       decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=0,
       remat=False,                # recompute block activations in the backward pass (memory)
       loss_predictor=False,       # HPM: a second decoder predicting each patch's loss
-      feature_head=False))        # EMA feature targets: a head regressing features from the decoder
+      feature_head=False,         # EMA feature targets: a head regressing features from the decoder
+      dtype='float32'))           # compute: 'float32' | 'bfloat16' (fp32 params, optimizer, loss)
 
   from mim import masking  # local: the schema's masking sections come from the registry
   # name: the strategy (mim/masking.py); each strategy with parameters has its own section.
@@ -85,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       knn=False,                  # at the end: kNN accuracy, pretrained vs random-init encoder
+      every_steps=0,              # > 0: online probes (kNN + ridge) every this many steps and at
+                                  # the end (mim/evaluate/online.py); 0 = off (eval.knn: end only)
+      ridge_alpha=1.0,            # online linear probe: closed-form ridge on standardized features
       knn_k=20, knn_max_train=10000, knn_max_test=10000,  # bank / queries; 0 = the whole split
       num_reconstructions=8,
       protocols=('knn',),         # --mode=eval runs these: any of 'knn', 'linear', 'attentive'
@@ -93,6 +97,11 @@ def default_config() -> ml_collections.ConfigDict:
       knn_pool='cls',             # cls | avg | both | cls_prenorm | avg_prenorm (mim/evaluate/features.py)
       subset_seed=0,              # of the class-balanced subsets (knn_max_*, probe.max_*_examples)
       batch_size=256))            # global batch of feature extraction (padded: one compilation)
+
+  # --mode=visualize (mim/evaluate/mask_views.py; reconstructions with init_from: recon_views.py).
+  c.visualize = ml_collections.ConfigDict(dict(
+      images='',                  # a directory or glob of image files; '' = data.eval_split
+      num_images=8))              # the first this many images (sorted file names)
 
   # Probes on the frozen encoder (mim/evaluate/probe.py), MAE linear-probe recipe (methods.md §1.9).
   c.probe = ml_collections.ConfigDict(dict(
@@ -109,7 +118,33 @@ def default_config() -> ml_collections.ConfigDict:
       num_queries=32, value_divisor=1,   # attentive probe: M queries, values D -> D / value_divisor
       attentive_use_cls=False,    # attentive probe: the cls token is a key too
       log_every_steps=100))
+
+  # Fine-tuning (--mode=finetune, mim/finetune/train.py), MAE protocol (methods.md §1.8); the
+  # optimizer, schedule, batch and crop come from the common keys (configs/finetune_vitb.py).
+  c.finetune = ml_collections.ConfigDict(dict(
+      num_classes=0,              # 0 = from the data
+      layer_decay=0.65,           # lr x layer_decay ** (depth + 1 - layer id); 1.0 = off
+      drop_path=0.1,              # stochastic depth of the last block, linear from 0 at the first
+      head_init_std=2e-5,         # trunc-normal head kernel (MAE: essentially zero)
+      mixup_alpha=0.8, cutmix_alpha=1.0,   # 0 and 0 = no mixing
+      mix_switch_prob=0.5,        # with both alphas: probability of cutmix for a batch
+      label_smoothing=0.1,
+      rand_augment_ops=2, rand_augment_magnitude=9.0, rand_augment_std=0.5,  # ops 0 = off
+      random_erasing=0.25,        # probability per image
+      eval_every_epochs=0.0))     # top-1 on data.eval_split every this many epochs; 0 = at the end
   return c
+
+
+def add_method_heads(c: ml_collections.ConfigDict, method: str, feature_top_k: int) -> None:
+  """The model heads and loss terms a method adds to an MAE config: 'hpm' the loss predictor and
+  its ranking loss, 'data2vec' a feature head regressing the EMA teacher's top-K block average
+  (an MAE-style student that keeps its pixel loss, as BootMAE); other methods add nothing."""
+  if method == 'hpm':
+    c.model.loss_predictor = True
+    c.targets.loss_pred_weight = 1.0
+  if method == 'data2vec':
+    c.model.feature_head = True
+    c.targets.update(dict(feature_weight=1.0, feature_top_k=feature_top_k))
 
 
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -191,6 +226,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(sum(s == -1 for s in sizes) <= 1 and all(s == -1 or s > 0 for s in sizes),
            f'mesh sizes (data, fsdp, tensor)={tuple(sizes)}: each must be positive, at most one -1.')
   _validate_eval(cfg.eval, cfg.probe)
+  _require(cfg.visualize.num_images > 0,
+           f'visualize.num_images={cfg.visualize.num_images} must be positive.')
+  _validate_finetune(cfg.finetune)
 
 
 def _validate_method(cfg: ml_collections.ConfigDict, spec) -> None:
@@ -220,6 +258,8 @@ def _validate_method(cfg: ml_collections.ConfigDict, spec) -> None:
            f"teacher.momentum_unit={teach.momentum_unit!r} must be 'epochs' or 'steps'.")
   _require(teach.momentum_shape in ('linear', 'cosine'),
            f"teacher.momentum_shape={teach.momentum_shape!r} must be 'linear' or 'cosine'.")
+  _require(cfg.model.dtype in ('float32', 'bfloat16'),
+           f"model.dtype={cfg.model.dtype!r} must be 'float32' or 'bfloat16'.")
   _require(teach.dtype in ('float32', 'bfloat16'),
            f"teacher.dtype={teach.dtype!r} must be 'float32' or 'bfloat16'.")
 
@@ -234,6 +274,9 @@ def _validate_eval(e: ml_collections.ConfigDict, p: ml_collections.ConfigDict) -
   _require(all(k > 0 for k in (e.knn_k, *e.knn_ks)), 'eval.knn_k and eval.knn_ks must be positive.')
   _require(e.knn_temperature > 0, f'eval.knn_temperature={e.knn_temperature} must be positive.')
   _require(e.batch_size > 0, f'eval.batch_size={e.batch_size} must be positive.')
+  _require(isinstance(e.every_steps, int) and e.every_steps >= 0,
+           f'eval.every_steps={e.every_steps!r} must be an integer >= 0 (0 = no online probes).')
+  _require(e.ridge_alpha > 0, f'eval.ridge_alpha={e.ridge_alpha} must be positive.')
   _require(p.mode in ('augment', 'cached'), f"probe.mode={p.mode!r} must be 'augment' or 'cached'.")
   _require(p.epochs > 0 and 0 <= p.warmup_epochs <= p.epochs,
            f'probe.epochs={p.epochs} must be positive and probe.warmup_epochs={p.warmup_epochs} '
@@ -242,6 +285,28 @@ def _validate_eval(e: ml_collections.ConfigDict, p: ml_collections.ConfigDict) -
   _require(p.linear_pool in pools, f'probe.linear_pool={p.linear_pool!r} must be one of {pools}.')
   _require(p.num_queries > 0 and p.value_divisor > 0,
            'probe.num_queries and probe.value_divisor must be positive.')
+
+
+def _validate_finetune(f: ml_collections.ConfigDict) -> None:
+  _require(f.num_classes >= 0,
+           f'finetune.num_classes={f.num_classes} must be >= 0 (0 = from the data).')
+  _require(0 < f.layer_decay <= 1,
+           f'finetune.layer_decay={f.layer_decay} must be in (0, 1], e.g. 0.65 (1.0 = no decay).')
+  _require(0 <= f.drop_path < 1, f'finetune.drop_path={f.drop_path} must be in [0, 1), e.g. 0.1.')
+  _require(f.head_init_std >= 0, f'finetune.head_init_std={f.head_init_std} must be >= 0.')
+  for key in ('mixup_alpha', 'cutmix_alpha'):
+    _require(f[key] >= 0, f'finetune.{key}={f[key]} must be >= 0 (0 = off).')
+  for key in ('mix_switch_prob', 'random_erasing'):
+    _require(0 <= f[key] <= 1, f'finetune.{key}={f[key]} must be a probability in [0, 1].')
+  _require(0 <= f.label_smoothing < 1,
+           f'finetune.label_smoothing={f.label_smoothing} must be in [0, 1), e.g. 0.1.')
+  _require(f.rand_augment_ops >= 0 and 0 <= f.rand_augment_magnitude <= 10
+           and f.rand_augment_std >= 0,
+           f'finetune.rand_augment_ops={f.rand_augment_ops} (>= 0, 0 = off), '
+           f'rand_augment_magnitude={f.rand_augment_magnitude} (in [0, 10]) and '
+           f'rand_augment_std={f.rand_augment_std} (>= 0): timm rand-m9-mstd0.5 is 2, 9, 0.5.')
+  _require(f.eval_every_epochs >= 0,
+           f'finetune.eval_every_epochs={f.eval_every_epochs} must be >= 0 (0 = only at the end).')
 
 
 def check_batch_divides(batch_size: int, device_count: int, process_count: int) -> None:

@@ -4,6 +4,11 @@ Counts 2 FLOPs per multiply-add of every matmul (attention scores and values inc
 a training step is taken as 3x the forward pass (backward ~ 2x forward), the usual convention;
 a teacher pass (forward only) counts once.
 """
+import json
+import os
+import platform
+import time
+
 from mim.models.mae import ModelSpec
 
 
@@ -50,20 +55,86 @@ def train_flops_per_image(spec: ModelSpec, num_keep: int,
   return 3 * student + teacher
 
 
-# Dense bf16 peak FLOP/s per device, from the vendors' datasheets (device_kind prefixes).
+# Dense peak FLOP/s per device from the vendors' datasheets (device_kind prefix -> (bf16, fp32)).
+# The fp32 column is what an fp32 matmul runs at under JAX's default precision: one bf16 pass
+# on TPU, TF32 on NVIDIA Ampere and later.
 PEAK_FLOPS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12,
-    'NVIDIA A100': 312e12,
-    'NVIDIA H100': 989e12,
-    'NVIDIA H200': 989e12,
+    'TPU v4': (275e12, 275e12),
+    'TPU v5 lite': (197e12, 197e12),   # v5e
+    'TPU v5p': (459e12, 459e12),
+    'TPU v5': (459e12, 459e12),
+    'TPU v6 lite': (918e12, 918e12),   # v6e (Trillium)
+    'NVIDIA A100': (312e12, 156e12),
+    'NVIDIA H100': (989e12, 495e12),   # SXM
+    'NVIDIA H200': (989e12, 495e12),
+    'NVIDIA B200': (2250e12, 1100e12),
 }
+# Named systems for the planner (mim/summary.py): (device kind in PEAK_FLOPS, devices, HBM GiB).
+SYSTEMS = {'v4-64': ('TPU v4', 32, 32), 'v5e-256': ('TPU v5 lite', 256, 16),
+           '8xH100': ('NVIDIA H100', 8, 80)}
+_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'mim', 'cpu_matmul_peak.json')
 
 
-def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
-  """The peak MFU is measured against: the override if > 0, else the table; None if unknown (CPU)."""
+def table_peak(device_kind: str, dtype: str = 'bfloat16') -> float | None:
+  """The datasheet peak for a device kind and compute dtype; None if not in the table."""
+  peaks = next((v for k, v in PEAK_FLOPS.items() if device_kind.startswith(k)), None)
+  return None if peaks is None else peaks[0 if dtype == 'bfloat16' else 1]
+
+
+def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, reps: int = 7) -> float:
+  """This backend's best n^3 matmul rate (FLOP/s) on one device: what a perfectly efficient
+  step could reach."""
+  import jax, jax.numpy as jnp  # noqa: E401 (local: keeps this module light for the planner)
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def cpu_matmul_peak(dtype: str = 'float32') -> float:
+  """The host's measured matmul peak, cached per CPU model, thread count, jax version and dtype
+  in ~/.cache/mim (measuring takes about a second, once per machine)."""
+  import jax
+  key = f'{cpu_name()}|{os.cpu_count()}|jax {jax.__version__}|{dtype}'
+  try:
+    with open(_CACHE) as f:
+      cache = json.load(f)
+  except (OSError, ValueError):
+    cache = {}
+  if key not in cache:
+    cache[key] = measure_matmul_peak(dtype)
+    try:
+      os.makedirs(os.path.dirname(_CACHE), exist_ok=True)
+      with open(_CACHE, 'w') as f:
+        json.dump(cache, f, indent=1)
+    except OSError:
+      pass  # a read-only home: measure again next time
+  return cache[key]
+
+
+def cpu_name() -> str:
+  """The CPU model, as lscpu's 'Model name' (from /proc/cpuinfo)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or 'unknown cpu'
+
+
+def total_peak_flops(devices, dtype: str = 'float32', override_tflops: float = 0.0
+                     ) -> float | None:
+  """The peak MFU is measured against, summed over `devices`: the override per device if > 0,
+  else the datasheet table; on CPU the host's measured matmul rate (simulated devices share
+  the host's cores, so it counts once per process). None for an unknown accelerator."""
   if override_tflops > 0:
-    return override_tflops * 1e12
-  return next((v for k, v in PEAK_FLOPS.items() if device_kind.startswith(k)), None)
+    return override_tflops * 1e12 * len(devices)
+  kind = devices[0].device_kind
+  if devices[0].platform == 'cpu':
+    return cpu_matmul_peak(dtype) * len({d.process_index for d in devices})
+  peak = table_peak(kind, dtype)
+  return None if peak is None else peak * len(devices)

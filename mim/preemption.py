@@ -43,3 +43,9 @@ class StopRequest:
     if not agree:
       return False
     return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+
+
+def stopped_message(stop: StopRequest, step: int, checkpoint_dir: str) -> str:
+  """What the run prints when a signal ended it (after its checkpoint was saved)."""
+  return (f'Stopped by {stop.signal_name or "a signal on another process"} after step {step}; '
+          f'checkpoint saved in {checkpoint_dir}/{step}. Rerun the same command to resume.')

@@ -1,4 +1,5 @@
-"""`--mode=summary`: the parameter table, the trainable count and analytic FLOPs."""
+"""`--mode=summary`: the parameter table, the trainable count, analytic FLOPs, the expected step
+time on named TPU/GPU systems and the compiled memory plan."""
 import jax
 import numpy as np
 
@@ -84,3 +85,25 @@ def format_memory_plan(plan: dict) -> str:
       f'  temporaries     {gib(plan["temporaries"])}',
       f'  total           {gib(plan["total"])}',
   ])
+
+
+def scale_plan(cfg, mfu: float = 0.5) -> str:
+  """Expected step time of the config's global batch on the named systems (mim/flops.SYSTEMS),
+  from the analytic FLOPs and the datasheet bf16 peak at 100% and at `mfu`, with the per-device
+  batch and the fully sharded (FSDP) params + AdamW moments per device against its memory."""
+  spec = mae.spec_from_config(cfg.model)
+  keep = masking.num_keep(spec.num_patches, cfg.masking.ratio)
+  step_flops = flops_lib.train_flops_per_image(spec, keep, teacher.needed_signals(cfg)) * cfg.batch_size
+  num_params = sum(r[2] for r in param_table(mae.abstract_params(spec)))
+  ema = 1 if teacher.needed_signals(cfg) else 0
+  lines = [f'expected step time for batch {cfg.batch_size} (analytic FLOPs at the bf16 datasheet '
+           f'peak; at 100% / {100 * mfu:.0f}% MFU):']
+  for name, (kind, devices, hbm_gib) in flops_lib.SYSTEMS.items():
+    peak = flops_lib.table_peak(kind, 'bfloat16') * devices
+    state_gib = (3 + ema) * 4 * num_params / devices / 2**30
+    per_device = (f'{cfg.batch_size // devices}' if cfg.batch_size % devices == 0
+                  else f'{cfg.batch_size / devices:.1f} (batch_size does not divide)')
+    lines.append(f'  {name:8s} {devices:4d} x {kind:12s} {step_flops / peak * 1e3:9.1f} ms / '
+                 f'{step_flops / peak / mfu * 1e3:9.1f} ms; {per_device} images per device; '
+                 f'params + moments per device (FSDP) {state_gib:.3f} of {hbm_gib} GiB')
+  return '\n'.join(lines)

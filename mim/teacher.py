@@ -72,13 +72,12 @@ def make_teacher_pass(cfg: ml_collections.ConfigDict, model: mae.MAE
   depth = model.spec.depth
   top_k = cfg.targets.feature_top_k
   blocks = {f'encoderblock_{i}' for i in range(depth - top_k, depth)}
-  dtype = jnp.bfloat16 if cfg.teacher.dtype == 'bfloat16' else jnp.float32
 
   def teacher_pass(params, images: jax.Array) -> dict[str, jax.Array]:
     if not needs:
       return {}
-    params = jax.tree.map(lambda p: jax.lax.stop_gradient(p).astype(dtype), params)
-    images = images.astype(dtype)
+    params, images = mae.cast_for_compute(jax.lax.stop_gradient(params), images,
+                                          cfg.teacher.dtype)
     mutable = (['attention'] if 'cls_attention' in needs else []) + (
         ['intermediates'] if 'feature_targets' in needs else [])
     capture = ((lambda mdl, method: mdl.name in blocks and method == '__call__')

@@ -29,6 +29,7 @@ from mim import optim
 from mim import preemption
 from mim import sharding
 from mim import teacher as teacher_lib
+from mim.evaluate import online
 from mim.evaluate import reconstruction
 from mim.models import mae
 
@@ -134,9 +135,13 @@ def make_train_step(cfg, parts: Parts):
   accum = cfg.grad_accum_steps
 
   def loss_fn(params, images, mask: masking.Mask, signals, weights):
-    outputs = model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)
-    terms = objectives.terms(cfg.targets, outputs, images, mask.mask, signals,
-                             patch_size=spec.patch_size)
+    compute_params, compute_images = mae.cast_for_compute(params, images, spec.dtype)
+    outputs = model.apply({'params': compute_params}, compute_images, mask.ids_keep,
+                          mask.ids_restore)
+    outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}  # the loss in float32
+    with jax.named_scope('loss'):  # named scopes group the step's ops in bench/step_profile.py
+      terms = objectives.terms(cfg.targets, outputs, images, mask.mask, signals,
+                               patch_size=spec.patch_size)
     return objectives.total(terms, weights), terms
 
   def loss_and_grads(params, images, mask, signals, weights):
@@ -167,17 +172,17 @@ def make_train_step(cfg, parts: Parts):
     images = batch['image']
     rng = jax.random.fold_in(base_key, state.step)
     # One teacher pass serves every consumer (masking signals and feature targets).
-    signals = teacher_pass(teacher_lib.teacher_params(state), images)   # {} without a teacher
-    mask = masker(jax.random.fold_in(rng, 0), images.shape[0], state.step, signals)
+    with jax.named_scope('teacher'):
+      signals = teacher_pass(teacher_lib.teacher_params(state), images)   # {} without a teacher
+    with jax.named_scope('masking'):
+      mask = masker(jax.random.fold_in(rng, 0), images.shape[0], state.step, signals)
     weights = objectives.term_weights(cfg.targets, state.step, parts.steps_per_epoch)
     loss, terms, grads = loss_and_grads(state.params, images, mask, signals, weights)
-    grad_norm = optax.tree.norm(grads)
     lr = parts.schedule(state.step)  # by the step counter, whatever updates were skipped
     tau = momentum(state.step)
     # A NaN/Inf step never reaches the state: the update runs under a cond, so a skipped step
     # keeps params and moments as they are without a second copy of the state (a select would
     # hold both); the host stops the run or goes on according to nan_policy.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state, params_ema):
       updates, opt_state = parts.tx.update(grads, opt_state, params)
@@ -186,8 +191,11 @@ def make_train_step(cfg, parts: Parts):
         params_ema = teacher_lib.ema_update(params_ema, params, tau)
       return params, opt_state, params_ema
 
-    params, opt_state, params_ema = jax.lax.cond(
-        finite, update, lambda *s: s, state.params, state.opt_state, state.params_ema)
+    with jax.named_scope('optimizer'):
+      grad_norm = optax.tree.norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, opt_state, params_ema = jax.lax.cond(
+          finite, update, lambda *s: s, state.params, state.opt_state, state.params_ema)
     new_state = TrainState(
         step=state.step + 1, params=params, opt_state=opt_state,
         skipped_examples=state.skipped_examples + jnp.sum(batch.get('skipped', 0)),
@@ -315,6 +323,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
     train_step = jit_train_step(cfg, parts, mesh, shardings)
     # Every process runs the evaluation computations (SPMD); only process 0 writes files.
     predict = jax.jit(make_predict_fn(cfg, parts), out_shardings=sharding.replicated(mesh))
+    probe = online.OnlineProbe(cfg, parts.model, mesh, total_steps)  # kNN + ridge, eval.every_steps
     vis_images, _ = data_lib.load_eval_split(cfg.data, cfg.data.eval_split,
                                              image_size=spec.image_size,
                                              max_examples=cfg.eval.num_reconstructions)
@@ -359,7 +368,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=latest)
     flops_per_step = flops_lib.train_flops_per_image(
         spec, parts.keep, parts.teacher_signals) * cfg.batch_size
-    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.peak_tflops_per_device)
+    peak = flops_lib.total_peak_flops(jax.devices(), spec.dtype, cfg.peak_tflops_per_device)
     pending: list = []
     t_last, step_last, t_start = time.perf_counter(), start_step, time.perf_counter()
     last_metrics: dict[str, float] = {}
@@ -379,7 +388,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
                                    f'not batch_size={cfg.batch_size}: processes read unequal shards.')
         state, step_metrics = train_step(state, batch)
         pending.append((step, step_metrics))
-        log_now = step % cfg.log_every_steps == 0 or step == total_steps
+        log_now = step % cfg.log_every_steps == 0 or step == total_steps or probe.due(step)
         save_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps
         stopping = stop.requested(agree=log_now or save_now)
         log_now, save_now = log_now or stopping, save_now or stopping
@@ -394,7 +403,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
           last_metrics.update(sec_per_step=sec_per_step, img_per_sec=cfg.batch_size / sec_per_step,
                               gflops_per_sec=flops_per_step / sec_per_step / 1e9)
           if peak:
-            last_metrics['mfu'] = flops_per_step / sec_per_step / (peak * jax.device_count())
+            last_metrics['mfu'] = flops_per_step / sec_per_step / peak
           writer.write(step, last_metrics)
           if is_main:
             terms = ''.join(f' ({k[:-5]} {v:.4f})' for k, v in last_metrics.items()
@@ -411,42 +420,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
           save_reconstructions(step)
         if save_now:
           ckpt_lib.save(mngr, step, state, train_iter, cfg.to_dict())
+        if probe.due(step) and not stopping:  # after the save: a probe never costs a checkpoint
+          last_metrics.update(probe(state.params, step, writer))
+          t_last, step_last = time.perf_counter(), step  # probe time is not training time
         if stopping:
           mngr.wait_until_finished()
           if is_main:
-            print(f'Stopped by {stop.signal_name or "a signal on another process"} after step '
-                  f'{step}; checkpoint saved in {mngr.directory}/{step}. Rerun the same command '
-                  'to resume.', flush=True)
+            print(preemption.stopped_message(stop, step, mngr.directory), flush=True)
           break
 
       # The arrays of the last batch may alias grain's shared memory, which is freed by a
       # background thread once unreferenced: drop them now, not at exit (a leak warning).
       batch = local = None
-      # ------------------------------------------------------------ final evaluation
+      # ------------------------------------------------------------ final reconstructions
+      # (The final kNN / ridge probe ran at the last step of the loop: online.OnlineProbe.)
       if int(state.step) == total_steps and start_step < total_steps:
         save_reconstructions(total_steps)
-        if cfg.eval.knn:
-          last_metrics.update(knn_evaluation(cfg, parts, state.params, mesh))
-          writer.write(total_steps, {k: v for k, v in last_metrics.items() if k.startswith('knn')})
     if is_main and int(state.step) == total_steps:
       print(f'Done in {metrics_lib.format_duration(time.perf_counter() - t_start)}; '
             f'workdir {workdir}', flush=True)
   return state, last_metrics
 
-
-def knn_evaluation(cfg, parts: Parts, params, mesh: Mesh) -> dict[str, float]:
-  """kNN accuracy (mim/evaluate/run.py: seeded class-balanced subsets, streamed features, DINO
-  votes) of the pretrained encoder and of a randomly initialized one."""
-  from mim.evaluate import run as eval_run
-  bank, queries = eval_run.subsets(cfg, cfg.eval.knn_max_train, cfg.eval.knn_max_test)
-  random_init = eval_run.jitted_random_encoder(parts.spec, mesh)(jax.random.key(cfg.seed + 12345))
-  pool = 'cls' if cfg.eval.knn_pool == 'both' else cfg.eval.knn_pool
-  result = {}
-  for name, encoder in (('pretrained', params['encoder']), ('random_init', random_init)):
-    knn = eval_run.knn(cfg, parts.model, {'encoder': encoder}, mesh, bank, queries)
-    result[f'knn_{name}'] = knn['accuracy'][pool][f'k{cfg.eval.knn_k}']
-  if jax.process_index() == 0:
-    print(f'kNN accuracy (k={cfg.eval.knn_k}, {pool} features; bank: {bank.description}; '
-          f'queries: {queries.description}): pretrained {100 * result["knn_pretrained"]:.2f}% vs '
-          f'random init {100 * result["knn_random_init"]:.2f}%', flush=True)
-  return result

@@ -91,7 +91,10 @@ def test_restore_onto_8_then_2_then_1_devices(tmp_path):
   a, b = launch.metrics(reference), launch.metrics(moved)
   assert [r['step'] for r in b] == list(range(1, 7))
   np.testing.assert_allclose([r['loss'] for r in b], [r['loss'] for r in a], atol=1e-5)
-  assert_trees_equal(params_of(moved), params_of(reference), atol=1e-5)
+  # Batch reductions split differently over 8, 2 and 1 devices, and Adam turns rounding-level
+  # gradient differences of near-zero entries into parts of an update: allow under half of one
+  # update (the lr is 6.25e-5 per step), so a skipped or repeated update still fails.
+  assert_trees_equal(params_of(moved), params_of(reference), atol=3e-5)
 
 
 def test_init_from_another_workdir_params_or_full_state(tmp_path):

@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import jax
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -65,3 +66,36 @@ def test_disabled_writer_creates_nothing(tmp_path):
   writer.write(1, {"loss": 1.0})
   writer.close()
   assert not workdir.exists()
+
+
+def test_peak_flops_tables_and_cached_cpu_peak(tmp_path, monkeypatch):
+  """MFU's denominator: datasheet peaks by device kind and dtype (fp32 = TF32 on NVIDIA), the
+  override per device, and on CPU the host's matmul rate measured once and then read back from
+  the cache (simulated devices of one process share it)."""
+  from mim import flops
+  assert flops.table_peak('TPU v5 lite', 'bfloat16') == 197e12
+  assert flops.table_peak('NVIDIA H100 80GB HBM3', 'float32') == 495e12
+  assert flops.table_peak('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
+  assert flops.table_peak('cpu') is None
+  calls = []
+  monkeypatch.setattr(flops, '_CACHE', str(tmp_path / 'peak.json'))
+  monkeypatch.setattr(flops, 'measure_matmul_peak', lambda dtype: calls.append(dtype) or 1e11)
+  devices = jax.devices()
+  assert flops.total_peak_flops(devices, 'float32') == 1e11 * jax.process_count()
+  assert flops.total_peak_flops(devices, 'float32') == 1e11 and calls == ['float32']
+  assert flops.total_peak_flops(devices, 'float32', override_tflops=2.0) == 2e12 * len(devices)
+
+
+def test_scale_plan_step_times_follow_flops_and_the_table():
+  """The planner's expected step time is FLOPs / (devices x datasheet peak), / MFU."""
+  from mim import config as config_lib, flops, masking, summary, teacher
+  from mim.models import mae
+  cfg = config_lib.load('configs/mae_vitb.py')
+  text = summary.scale_plan(cfg, mfu=0.5)
+  spec = mae.spec_from_config(cfg.model)
+  step = flops.train_flops_per_image(spec, masking.num_keep(spec.num_patches, 0.75),
+                                     teacher.needed_signals(cfg)) * cfg.batch_size
+  ideal_ms = step / (8 * 989e12) * 1e3
+  line = next(l for l in text.splitlines() if '8xH100' in l)
+  assert f'{ideal_ms:.1f} ms / ' in line and f'{2 * ideal_ms:.1f} ms;' in line
+  assert f'{cfg.batch_size // 8} images per device' in line

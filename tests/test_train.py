@@ -4,11 +4,13 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from mim import config as config_lib
+from mim import sharding
 from mim import train
 
 
@@ -126,3 +128,31 @@ def test_skipped_nan_updates_keep_the_lr_schedule():
         np.testing.assert_allclose(np.median(delta) / float(parts.schedule(s)), 1.0, rtol=1e-3)
   assert int(state.nonfinite_updates) == len(bad)
   assert int(state.opt_state[0].count) == 7 - len(bad)   # moments saw only the applied updates
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  """model.dtype='bfloat16' computes the step in bf16 (its dots are bf16 in the compiled step:
+  catches a cast that silently promotes back to fp32) while params, moments and the loss stay
+  fp32, and one step's loss and gradient norm stay within bf16's precision of the fp32 step's."""
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    cfg = tiny_config()
+    cfg.model.dtype = dtype
+    parts = train.build_parts(cfg, total_steps=6, warmup_steps=2)
+    mesh = sharding.make_mesh(cfg.mesh)
+    with sharding.use_mesh(mesh):
+      _, shardings = train.state_shardings(parts, mesh)
+      state = train.init_state(parts, shardings, cfg.seed)
+      images = jax.device_put(jax.random.normal(jax.random.key(1), (cfg.batch_size, 16, 16, 3)),
+                              sharding.batch_sharding(mesh))
+      step = train.jit_train_step(cfg, parts, mesh, shardings)
+      hlo = step.lower(state, {'image': images}).as_text()
+      state, metrics = step(state, {'image': images})
+    results[dtype] = metrics
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert metrics['loss'].dtype == jnp.float32
+    assert ('bf16' in hlo) == (dtype == 'bfloat16')
+  f32, bf16 = results['float32'], results['bfloat16']
+  np.testing.assert_allclose(float(bf16['loss']), float(f32['loss']), rtol=2e-2)
+  np.testing.assert_allclose(float(bf16['grad_norm']), float(f32['grad_norm']), rtol=5e-2)
+  assert float(bf16['loss']) != float(f32['loss'])

@@ -46,6 +46,7 @@ class ModelSpec:
   remat: bool = False
   loss_predictor: bool = False   # HPM's second decoder (per-patch loss predictions)
   feature_head: bool = False     # a head regressing teacher features (width D) from the decoder
+  dtype: str = 'float32'         # compute dtype ('bfloat16': mixed precision, fp32 params)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -72,7 +73,7 @@ def spec_from_config(model_cfg) -> ModelSpec:
       decoder_heads=model_cfg.decoder_heads,
       decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width,
       remat=model_cfg.remat, loss_predictor=model_cfg.loss_predictor,
-      feature_head=model_cfg.feature_head)
+      feature_head=model_cfg.feature_head, dtype=model_cfg.dtype)
 
 
 def example_inputs(spec: ModelSpec, keep: int = 1, batch: int = 1):
@@ -87,6 +88,16 @@ def abstract_params(spec: ModelSpec) -> dict:
   """The parameter tree as ShapeDtypeStructs (nothing allocated, no sharding constraints)."""
   boxed = jax.eval_shape(lambda: MAE(spec).init(jax.random.key(0), *example_inputs(spec)))
   return sharding.strip_boxes(boxed['params'])
+
+
+def cast_for_compute(params, images: jax.Array, dtype: str):
+  """(params, images) in the compute dtype. Mixed precision: the float32 params stay the
+  optimizer's master copy; gradients flow back through the cast in float32. Softmax and layer
+  norm statistics run in float32 inside the model, the loss outside it."""
+  if dtype == 'float32':
+    return params, images
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, params), images.astype(dtype)
 
 
 def _dense(features: int, name=None, out_axis=None):
@@ -122,10 +133,11 @@ class Decoder(nn.Module):
     num_masked = num_patches + 1 - x.shape[1]
     # [visible..., mask tokens...] is in shuffled order; ids_restore puts it back in patch order.
     patch_tokens = jnp.concatenate(
-        [x[:, 1:], jnp.broadcast_to(self.mask_token, (b, num_masked, self.width))], axis=1)
+        [x[:, 1:], jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, num_masked, self.width))], axis=1)
     patch_tokens = vit.gather_tokens(patch_tokens, ids_restore)
     side = int(round(num_patches ** 0.5))
-    x = jnp.concatenate([x[:, :1], patch_tokens], axis=1) + vit.sincos_table(self.width, (side, side))
+    pos = jnp.asarray(vit.sincos_table(self.width, (side, side)), x.dtype)
+    x = jnp.concatenate([x[:, :1], patch_tokens], axis=1) + pos
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

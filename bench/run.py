@@ -1,0 +1,245 @@
+"""One table: our MAE train step against Hugging Face `ViTMAEForPreTraining`, measured in one run.
+
+  python bench/run.py                 # ViT-B/16 batch 8, the demo model, ViT-Ti/4 32 px batch 128
+  python bench/run.py --cases=vitb16:8 --rounds=4 --per_round=2 --json
+
+For each case, two worker processes (this file with --worker) build the same architecture: ours
+(the real jitted step of mim/train.py: masking, forward, backward, AdamW, NaN guard) and Hugging
+Face's (fp32, sdpa attention, the `noise` argument given so masking costs the same, torch AdamW
+with MAE's betas (0.9, 0.95) and weight decay 0.05 off biases and norms, `torch.set_num_threads`
+= all cores, as XLA uses). The parent alternates them: a few steps of one, then of the other,
+`--rounds` times, and reports medians, so both see the same machine state. Separate processes
+keep each side's thread pool and peak RSS its own.
+
+Also printed: compile time, peak RSS, GFLOP/s (analytic, mim/flops.py) and % of this machine's
+measured 2048^3 matmul rate, the masking overhead (bench/masking.py), and the input pipeline's
+images/s per worker (bench/data_pipeline.py: JPEG folder and TFDS ArrayRecord, 224 px) next to
+what the ViT-B step consumes. `--json` ends with one JSON line holding every figure.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+import masking as masking_bench  # noqa: E402  (bench/masking.py)
+import train_step as step_bench  # noqa: E402  (bench/train_step.py: its flags, --json among them)
+
+flags.DEFINE_list('cases', ['vitb16:8', 'demo:128', 'tiny32:128'], 'model:batch pairs '
+                  '(models of bench/train_step.py).')
+flags.DEFINE_integer('rounds', 3, 'Alternations of ours and Hugging Face per case.')
+flags.DEFINE_integer('per_round', 2, 'Timed steps per side per round.')
+flags.DEFINE_bool('pipeline', True, 'Also measure the input pipeline (about a minute).')
+flags.DEFINE_string('worker', None, 'Internal: run as the ours|hf worker of --case.')
+flags.DEFINE_string('case', None, 'Internal: the worker\'s model:batch.')
+FLAGS = flags.FLAGS
+
+
+# ----------------------------------------------------------------------------- workers
+
+def _ours(model: str, batch: int):
+  """(run(n) -> step seconds, compile seconds, info) for our jitted step."""
+  import jax
+  from mim import flops as flops_lib
+  cfg = step_bench.load_config(model)
+  compiled, state, data, compile_s, parts = step_bench.compiled_step(cfg, batch)
+  box = {'state': state}
+
+  def run(n):
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      box['state'], metrics = compiled(box['state'], data)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+    return times
+
+  run(1)  # the first call allocates the donated buffers' successors
+  gflop = flops_lib.train_flops_per_image(parts.spec, parts.keep) * batch / 1e9
+  return run, compile_s, dict(gflop_per_step=gflop, keep=parts.keep,
+                              num_patches=parts.spec.num_patches)
+
+
+def _hf(model: str, batch: int):
+  """The same for Hugging Face ViTMAEForPreTraining (torch eager, fp32)."""
+  import torch
+  import transformers
+  from mim.interop import hf as hf_interop
+  from mim.models import mae
+  torch.set_num_threads(os.cpu_count())
+  cfg = step_bench.load_config(model)
+  spec = mae.spec_from_config(cfg.model)
+  config = hf_interop.config_json(spec, norm_pix=cfg.targets.norm_pix, mask_ratio=cfg.masking.ratio)
+  config = {k: v for k, v in config.items() if k not in ('architectures', 'model_type')}
+  torch.manual_seed(0)
+  net = transformers.ViTMAEForPreTraining(
+      transformers.ViTMAEConfig(**config, attn_implementation='sdpa')).train()
+  decay = [p for n, p in net.named_parameters() if p.ndim > 1 and 'token' not in n]
+  no_decay = [p for n, p in net.named_parameters() if not (p.ndim > 1 and 'token' not in n)]
+  lr = cfg.optim.base_lr * batch / 256
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.optim.weight_decay},
+                           {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.95))
+  images = torch.randn(batch, 3, spec.image_size, spec.image_size)
+  gen = torch.Generator().manual_seed(1)
+
+  def run(n):
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      noise = torch.rand(batch, spec.num_patches, generator=gen)
+      loss = net(pixel_values=images, noise=noise).loss
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      times.append(time.perf_counter() - t)
+    return times
+
+  t = time.perf_counter()
+  run(1)  # first-call allocations and kernel selection: torch's "compile time"
+  return run, time.perf_counter() - t, {}
+
+
+def worker(kind: str, case: str) -> None:
+  """Builds one side, prints a JSON line of its set-up, then answers `n` with n step times."""
+  model, batch = case.split(':')
+  run, compile_s, info = (_ours if kind == 'ours' else _hf)(model, int(batch))
+  print(json.dumps(dict(compile_s=compile_s, **info)), flush=True)
+  for line in sys.stdin:
+    if not line.strip():
+      break
+    times = run(int(line))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(times=times, peak_rss=rss)), flush=True)
+
+
+class Worker:
+  def __init__(self, kind: str, case: str):
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), f'--worker={kind}', f'--case={case}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    self.kind = kind
+
+  def read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'The {self.kind} worker ended early (exit code {self.proc.wait()}); '
+                         'its error is printed above.')
+    return json.loads(line)
+
+  def run(self, n: int) -> dict:
+    self.proc.stdin.write(f'{n}\n')
+    self.proc.stdin.flush()
+    return self.read()
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def measure_case(case: str, rounds: int, steps: int) -> dict:
+  sides = {kind: Worker(kind, case) for kind in ('ours', 'hf')}
+  setup = {kind: w.read() for kind, w in sides.items()}  # both build at once, then time alone
+  times = {kind: [] for kind in sides}
+  rss = {}
+  for _ in range(rounds):
+    for kind, w in sides.items():
+      reply = w.run(steps)
+      times[kind] += reply['times']
+      rss[kind] = reply['peak_rss']
+  for w in sides.values():
+    w.close()
+  model, batch = case.split(':')
+  sec = {kind: statistics.median(t) for kind, t in times.items()}
+  gflop = setup['ours']['gflop_per_step']
+  return dict(case=case, model=model, batch=int(batch), gflop_per_step=round(gflop, 2),
+              ours_s=round(sec['ours'], 4), hf_s=round(sec['hf'], 4),
+              ours_range=[round(min(times['ours']), 3), round(max(times['ours']), 3)],
+              hf_range=[round(min(times['hf']), 3), round(max(times['hf']), 3)],
+              speedup=round(sec['hf'] / sec['ours'], 3),
+              ours_img_s=round(int(batch) / sec['ours'], 1), hf_img_s=round(int(batch) / sec['hf'], 1),
+              ours_gflops=round(gflop / sec['ours'], 1), hf_gflops=round(gflop / sec['hf'], 1),
+              ours_compile_s=round(setup['ours']['compile_s'], 1),
+              hf_first_step_s=round(setup['hf']['compile_s'], 1),
+              ours_rss_gib=round(rss['ours'] / 2**30, 2), hf_rss_gib=round(rss['hf'] / 2**30, 2),
+              keep=setup['ours']['keep'], num_patches=setup['ours']['num_patches'])
+
+
+def masking_overhead(batch: int, grid: tuple[int, int]) -> dict:
+  import ml_collections
+  from mim import masking
+  out = {}
+  for name in ('random', 'colored_noise', 'block'):
+    cfg = ml_collections.ConfigDict(dict(name=name, ratio=0.75, **masking.default_sections()))
+    out[name] = masking_bench.masker_seconds(cfg, grid, batch, reps=20)
+  return out
+
+
+def pipeline(image_size: int = 224, batch: int = 32) -> dict:
+  """Images/s of the training input pipeline per source and worker count (subprocesses)."""
+  out = {}
+  for source in ('folder', 'tfds'):
+    res = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_pipeline.py'),
+         f'--source={source}', f'--image_size={image_size}', f'--batch={batch}',
+         '--num_workers=0,1', '--batches=8', '--json'],
+        capture_output=True, text=True, check=True)
+    out[source] = json.loads(res.stdout.strip().splitlines()[-1])['results']
+  return out
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    worker(FLAGS.worker, FLAGS.case)
+    return
+  from mim import flops as flops_lib
+  results = [measure_case(case, FLAGS.rounds, FLAGS.per_round) for case in FLAGS.cases]
+  peak = flops_lib.measure_matmul_peak('float32') / 1e9
+  cpu = flops_lib.cpu_name()
+  print(f'\n{cpu}, {os.cpu_count()} cores, fp32; {time.strftime("%Y-%m-%d")}; medians of '
+        f'{FLAGS.rounds} alternating rounds x {FLAGS.per_round} steps; 2048^3 matmul {peak:.0f} GFLOP/s')
+  print('\n| model, batch | HF ViTMAE s/step | ours s/step | speedup | ours img/s | ours GFLOP/s '
+        '(% of matmul) | ours compile s | peak RSS ours / HF GiB |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|')
+  for r in results:
+    r['ours_peak_fraction'] = round(r['ours_gflops'] / peak, 3)
+    print(f'| {r["model"]}, {r["batch"]} | {r["hf_s"]:.3f} ({r["hf_range"][0]}-{r["hf_range"][1]}) '
+          f'| {r["ours_s"]:.3f} ({r["ours_range"][0]}-{r["ours_range"][1]}) | {r["speedup"]:.2f}x '
+          f'| {r["ours_img_s"]} | {r["ours_gflops"]} ({100 * r["ours_peak_fraction"]:.0f}%) '
+          f'| {r["ours_compile_s"]} | {r["ours_rss_gib"]} / {r["hf_rss_gib"]} |')
+  summary = dict(cpu=cpu, cores=os.cpu_count(), date=time.strftime('%Y-%m-%d'),
+                 matmul_peak_gflops=round(peak, 1), cases=results)
+  vitb = next((r for r in results if r['model'] == 'vitb16'), None)
+  if vitb:
+    side = int(round(vitb['num_patches'] ** 0.5))
+    mask_s = masking_overhead(vitb['batch'], (side, side))
+    summary['masking_ms'] = {k: round(v * 1e3, 3) for k, v in mask_s.items()}
+    print('\nmasking (ViT-B/16 grid, batch %d): ' % vitb['batch'] + ', '.join(
+        f'{k} {v * 1e3:.2f} ms ({100 * v / vitb["ours_s"]:.3f}% of the step)'
+        for k, v in mask_s.items()))
+  if FLAGS.pipeline:
+    pipe = pipeline()
+    summary['pipeline'] = pipe
+    need = vitb['ours_img_s'] if vitb else None
+    for source, rows in pipe.items():
+      print(f'input pipeline, {source} (224 px JPEGs): ' + ', '.join(
+          f'{r["num_workers"]} workers {r["images_per_s"]} img/s' for r in rows)
+          + (f'; the ViT-B step consumes {need} img/s '
+             f'({max(r["images_per_s"] for r in rows) / need:.1f}x headroom)' if need else ''))
+  if FLAGS.json:
+    print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  app.run(main)
