@@ -2,6 +2,7 @@
 
   python bench/train_step.py --model=vitb16 --batch=8 --json
   python bench/train_step.py --model=demo --batch=128
+  python bench/train_step.py --model=vitb16 --batch=256 --dtype=bfloat16   # on a GPU/TPU
 
 The step is the real one from mim/train.py (masking, MAE forward/backward, AdamW), jitted with
 donated state, on synthetic images. FLOPs are the analytic matmul count (mim/flops.py); the peak
@@ -26,6 +27,7 @@ flags.DEFINE_enum('model', 'vitb16', ['vitb16', 'vitl16', 'demo', 'tiny32'], 'Wh
 flags.DEFINE_integer('batch', 8, 'Global batch size.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
 flags.DEFINE_bool('json', False, 'End with one JSON line of the results.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype (bfloat16 on GPU/TPU).')
 FLAGS = flags.FLAGS
 
 CONFIGS = {'vitb16': 'configs/mae_vitb.py', 'vitl16': 'configs/mae_vitl.py', 'demo': 'configs/demo.py',
@@ -40,12 +42,13 @@ def load_config(name: str):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cfg = config_lib.load(os.path.join(root, CONFIGS[name]))
   cfg.model.update(OVERRIDES.get(name, {}))
+  cfg.model.dtype = flags.FLAGS.dtype if flags.FLAGS.is_parsed() else 'float32'
   return cfg
 
 
 def matmul_peak_gflops() -> float:
-  """This machine's best f32 2048^3 jit matmul rate, measured now (not the cached figure)."""
-  return flops_lib.measure_matmul_peak('float32') / 1e9
+  """This device's best 2048^3 jit matmul rate in --dtype, measured now (not the cached figure)."""
+  return flops_lib.measure_matmul_peak(FLAGS.dtype if FLAGS.is_parsed() else 'float32') / 1e9
 
 
 def compiled_step(cfg, batch_size: int):
