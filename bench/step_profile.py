@@ -108,7 +108,7 @@ def dense_and_attention_flops(spec, keep: int) -> dict[str, float]:
   """Analytic forward matmul FLOPs per image: (module, dense|attention) -> FLOPs."""
   def blocks(tokens, width, depth, mlp):
     attention = depth * 2 * 2 * tokens * tokens * width
-    return flops_lib._transformer(tokens, width, depth, mlp) - attention, attention
+    return flops_lib.transformer_flops(tokens, width, depth, mlp) - attention, attention
   n = spec.num_patches
   e_dense, e_att = blocks(1 + keep, spec.width, spec.depth, spec.mlp_dim)
   d_dense, d_att = blocks(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)

@@ -12,7 +12,8 @@ import time
 from mim.models.mae import ModelSpec
 
 
-def _transformer(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+  """Forward matmul FLOPs of `depth` pre-LN blocks over `tokens` tokens (attention included)."""
   per_block = (2 * tokens * width * 3 * width      # q, k, v
                + 2 * 2 * tokens * tokens * width   # scores and weighted values
                + 2 * tokens * width * width        # out projection
@@ -24,15 +25,15 @@ def mae_forward_flops(spec: ModelSpec, num_keep: int) -> float:
   """Forward FLOPs for one image."""
   n, k = spec.num_patches, num_keep
   return (2 * n * spec.patch_dim * spec.width                                     # patch embedding
-          + _transformer(1 + k, spec.width, spec.depth, spec.mlp_dim)             # encoder
+          + transformer_flops(1 + k, spec.width, spec.depth, spec.mlp_dim)             # encoder
           + 2 * (1 + k) * spec.width * spec.decoder_width                         # decoder embed
-          + _transformer(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)
+          + transformer_flops(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)
           + 2 * (1 + n) * spec.decoder_width * spec.patch_dim)                    # pixel head
 
 
 def _loss_predictor(spec: ModelSpec) -> float:
   n = spec.num_patches
-  return (_transformer(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)
+  return (transformer_flops(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)
           + 2 * (1 + n) * spec.decoder_width * spec.patch_dim)
 
 
@@ -48,7 +49,7 @@ def train_flops_per_image(spec: ModelSpec, num_keep: int,
     student += 2 * n * spec.decoder_width * spec.width
   teacher = 0.0
   if teacher_signals:
-    teacher = 2 * n * spec.patch_dim * spec.width + _transformer(1 + n, spec.width, spec.depth,
+    teacher = 2 * n * spec.patch_dim * spec.width + transformer_flops(1 + n, spec.width, spec.depth,
                                                                  spec.mlp_dim)
     if 'predicted_loss' in teacher_signals:
       teacher += 2 * (1 + n) * spec.width * spec.decoder_width + _loss_predictor(spec)

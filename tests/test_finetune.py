@@ -14,6 +14,7 @@ from mim import config as config_lib
 from mim.finetune import layer_decay
 from mim.finetune import mixup
 from mim.models import mae
+from tests import launch
 
 
 def _official_layer_id(name: str, num_layers: int) -> int:
@@ -287,11 +288,6 @@ def tiny_finetune_config(**overrides):
   return c
 
 
-def _rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as fh:
-    return [json.loads(line) for line in fh]
-
-
 @pytest.fixture(scope='module')
 def finetuned(tmp_path_factory):
   from mim.finetune import train as finetune_train  # pylint: disable=g-import-not-at-top
@@ -308,7 +304,7 @@ def test_finetune_beats_chance_and_writes_its_outputs(finetuned):
   assert saved['top1'] == result['top1'] and saved['num_test'] == 360
   assert result['top1'] > 0.5, result   # chance: 10%
   assert [e['step'] for e in saved['evaluations']] == [44, 88, 132, 150]
-  rows = _rows(workdir)
+  rows = launch.metrics(workdir)
   assert [r['step'] for r in rows if 'loss' in r] == list(range(10, 151, 10))
   assert all(r['img_per_sec'] > 0 and np.isfinite(r['loss']) for r in rows if 'loss' in r)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['150', '75']
@@ -324,9 +320,9 @@ def test_finetune_resume_is_exact(finetuned, tmp_path):
   shutil.copytree(os.path.join(workdir, 'checkpoints', '75'),
                   os.path.join(resumed, 'checkpoints', '75'))
   with open(os.path.join(resumed, 'metrics.jsonl'), 'w') as fh:
-    fh.writelines(json.dumps(r) + '\n' for r in _rows(workdir) if r['step'] <= 100)
+    fh.writelines(json.dumps(r) + '\n' for r in launch.metrics(workdir) if r['step'] <= 100)
   state2, result2 = finetune_train.finetune(tiny_finetune_config(), resumed)
-  full, again = _rows(workdir), _rows(resumed)
+  full, again = launch.metrics(workdir), launch.metrics(resumed)
   assert [r['step'] for r in again] == [r['step'] for r in full]
   for a, b in zip(full, again):
     for key in ('loss', 'grad_norm', 'lr', 'eval_top1', 'eval_top5'):
