@@ -3,11 +3,11 @@
   python bench/run.py                 # ViT-B/16 batch 8, the demo model, ViT-Ti/4 32 px batch 128
   python bench/run.py --cases=vitb16:8 --rounds=4 --per_round=2 --json
 
-For each case, two worker processes (this file with --worker) build the same architecture: ours
-(the real jitted step of mim/train.py: masking, forward, backward, AdamW, NaN guard) and Hugging
-Face's (fp32, sdpa attention, the `noise` argument given so masking costs the same, torch AdamW
-with MAE's betas (0.9, 0.95) and weight decay 0.05 off biases and norms, `torch.set_num_threads`
-= all cores, as XLA uses). The parent alternates them: a few steps of one, then of the other,
+For each case, two worker processes build the same architecture: ours (this file with
+--worker_case: the real jitted step of mim/train.py: masking, forward, backward, AdamW, NaN guard)
+and Hugging Face's (bench/hf_step.py, which never imports jax: fp32, sdpa attention, the `noise`
+argument given so masking costs the same, torch AdamW with MAE's betas (0.9, 0.95) and weight
+decay 0.05 off biases and norms, `torch.set_num_threads` = all cores, as XLA uses). The parent alternates them: a few steps of one, then of the other,
 `--rounds` times, and reports medians, so both see the same machine state. Separate processes
 keep each side's thread pool and peak RSS its own.
 
@@ -18,7 +18,6 @@ what the ViT-B step consumes. `--json` ends with one JSON line holding every fig
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import hf_step  # noqa: E402  (bench/hf_step.py: the PyTorch side, its own process)
 import masking as masking_bench  # noqa: E402  (bench/masking.py)
 import train_step as step_bench  # noqa: E402  (bench/train_step.py: its flags, --json among them)
 
@@ -37,8 +37,7 @@ flags.DEFINE_list('cases', ['vitb16:8', 'demo:128', 'tiny32:128'], 'model:batch 
 flags.DEFINE_integer('rounds', 3, 'Alternations of ours and Hugging Face per case.')
 flags.DEFINE_integer('per_round', 2, 'Timed steps per side per round.')
 flags.DEFINE_bool('pipeline', True, 'Also measure the input pipeline (about a minute).')
-flags.DEFINE_string('worker', None, 'Internal: run as the ours|hf worker of --case.')
-flags.DEFINE_string('case', None, 'Internal: the worker\'s model:batch.')
+flags.DEFINE_string('worker_case', None, 'Internal: run as our side\'s worker of this model:batch.')
 FLAGS = flags.FLAGS
 
 
@@ -67,62 +66,26 @@ def _ours(model: str, batch: int):
                               num_patches=parts.spec.num_patches)
 
 
-def _hf(model: str, batch: int):
-  """The same for Hugging Face ViTMAEForPreTraining (torch eager, fp32)."""
-  import torch
-  import transformers
+def hf_setup(model: str, batch: int) -> dict:
+  """bench/hf_step.py's set-up for the same architecture and optimizer as our `model`."""
   from mim.interop import hf as hf_interop
   from mim.models import mae
-  torch.set_num_threads(os.cpu_count())
   cfg = step_bench.load_config(model)
   spec = mae.spec_from_config(cfg.model)
   config = hf_interop.config_json(spec, norm_pix=cfg.targets.norm_pix, mask_ratio=cfg.masking.ratio)
-  config = {k: v for k, v in config.items() if k not in ('architectures', 'model_type')}
-  torch.manual_seed(0)
-  net = transformers.ViTMAEForPreTraining(
-      transformers.ViTMAEConfig(**config, attn_implementation='sdpa')).train()
-  decay = [p for n, p in net.named_parameters() if p.ndim > 1 and 'token' not in n]
-  no_decay = [p for n, p in net.named_parameters() if not (p.ndim > 1 and 'token' not in n)]
-  lr = cfg.optim.base_lr * batch / 256
-  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.optim.weight_decay},
-                           {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.95))
-  images = torch.randn(batch, 3, spec.image_size, spec.image_size)
-  gen = torch.Generator().manual_seed(1)
-
-  def run(n):
-    times = []
-    for _ in range(n):
-      t = time.perf_counter()
-      noise = torch.rand(batch, spec.num_patches, generator=gen)
-      loss = net(pixel_values=images, noise=noise).loss
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
-      times.append(time.perf_counter() - t)
-    return times
-
-  t = time.perf_counter()
-  run(1)  # first-call allocations and kernel selection: torch's "compile time"
-  return run, time.perf_counter() - t, {}
-
-
-def worker(kind: str, case: str) -> None:
-  """Builds one side, prints a JSON line of its set-up, then answers `n` with n step times."""
-  model, batch = case.split(':')
-  run, compile_s, info = (_ours if kind == 'ours' else _hf)(model, int(batch))
-  print(json.dumps(dict(compile_s=compile_s, **info)), flush=True)
-  for line in sys.stdin:
-    if not line.strip():
-      break
-    times = run(int(line))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(times=times, peak_rss=rss)), flush=True)
+  return dict(config={k: v for k, v in config.items() if k not in ('architectures', 'model_type')},
+              batch=batch, image_size=spec.image_size, num_patches=spec.num_patches,
+              lr=cfg.optim.base_lr * batch / 256, weight_decay=cfg.optim.weight_decay)
 
 
 class Worker:
   def __init__(self, kind: str, case: str):
+    here = os.path.dirname(os.path.abspath(__file__))
+    model, batch = case.split(':')
+    command = ([os.path.join(here, 'run.py'), f'--worker_case={case}'] if kind == 'ours' else
+               [os.path.join(here, 'hf_step.py'), json.dumps(hf_setup(model, int(batch)))])
     self.proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), f'--worker={kind}', f'--case={case}'],
+        [sys.executable] + command,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     self.kind = kind
@@ -200,8 +163,9 @@ def pipeline(image_size: int = 224, batch: int = 32) -> dict:
 
 def main(argv):
   del argv
-  if FLAGS.worker:
-    worker(FLAGS.worker, FLAGS.case)
+  if FLAGS.worker_case:
+    model, batch = FLAGS.worker_case.split(':')
+    hf_step.serve(*_ours(model, int(batch)))
     return
   from mim import flops as flops_lib
   results = [measure_case(case, FLAGS.rounds, FLAGS.per_round) for case in FLAGS.cases]
