@@ -22,4 +22,5 @@ def get_config(arg=None):
   c.model.variant = 'B'
   c.model.patch_size = 16
   c.masking.name = 'block'
+  c.model.dtype = c.teacher.dtype = 'auto'  # bf16 on GPU/TPU (MAE trains in AMP), fp32 on CPU
   return c

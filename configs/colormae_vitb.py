@@ -27,4 +27,5 @@ def get_config(arg=None):
   c.masking.name = 'colored_noise'
   c.masking.colored_noise.color = 'green'
   c.optim.weight_decay_regex = r'.*/kernel$'
+  c.model.dtype = c.teacher.dtype = 'auto'  # bf16 on GPU/TPU (MAE trains in AMP), fp32 on CPU
   return c

@@ -37,4 +37,5 @@ def get_config(arg=None):
   c.targets.update(dict(pixel_weight=0.0, feature_weight=1.0, feature_top_k=6,
                         feature_loss='smooth_l1', feature_beta=2.0))
   c.teacher.update(dict(momentum=((0.0, 0.9998),)))
+  c.model.dtype = c.teacher.dtype = 'auto'  # bf16 on GPU/TPU (MAE trains in AMP), fp32 on CPU
   return c

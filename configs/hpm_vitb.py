@@ -35,4 +35,5 @@ def get_config(arg=None):
   c.targets.update(dict(norm_pix=False, loss_pred_weight=1.0))
   c.teacher.update(dict(momentum=((0.0, 0.999), (100.0, 0.9999)), momentum_unit='epochs',
                         momentum_per_epoch=True))
+  c.model.dtype = c.teacher.dtype = 'auto'  # bf16 on GPU/TPU (MAE trains in AMP), fp32 on CPU
   return c

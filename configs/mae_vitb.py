@@ -19,4 +19,5 @@ def get_config(arg=None):
   c = config_lib.default_config()
   c.model.variant = 'B'
   c.model.patch_size = 16
+  c.model.dtype = c.teacher.dtype = 'auto'  # bf16 on GPU/TPU (MAE trains in AMP), fp32 on CPU
   return c

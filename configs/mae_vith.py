@@ -18,4 +18,5 @@ def get_config(arg=None):
   c = config_lib.default_config()
   c.model.variant = 'H'
   c.model.patch_size = 14
+  c.model.dtype = c.teacher.dtype = 'auto'  # bf16 on GPU/TPU (MAE trains in AMP), fp32 on CPU
   return c

@@ -16,4 +16,5 @@ def get_config(arg=None):
   c = config_lib.default_config()
   c.model.variant = 'L'
   c.model.patch_size = 16
+  c.model.dtype = c.teacher.dtype = 'auto'  # bf16 on GPU/TPU (MAE trains in AMP), fp32 on CPU
   return c

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
       loss_predictor=False,       # HPM: a second decoder predicting each patch's loss
       feature_head=False,         # EMA feature targets: a head regressing features from the decoder
       dtype='float32'))           # compute: 'float32' | 'bfloat16' (fp32 params, optimizer, loss)
+                                  # | 'auto' (bfloat16 on GPU/TPU, float32 on CPU)
 
   from mim import masking  # local: the schema's masking sections come from the registry
   # name: the strategy (mim/masking.py); each strategy with parameters has its own section.
@@ -63,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
       momentum_unit='epochs',     # the points' time: 'epochs' | 'steps'
       momentum_shape='linear',    # between points: 'linear' | 'cosine'
       momentum_per_epoch=False,   # hold tau within each epoch (the official per-epoch updates)
-      dtype='float32'))           # the teacher pass: 'float32' | 'bfloat16'
+      dtype='float32'))           # the teacher pass: 'float32' | 'bfloat16' | 'auto'
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4,             # lr = base_lr * batch_size / 256
@@ -259,10 +260,11 @@ def _validate_method(cfg: ml_collections.ConfigDict, spec) -> None:
            f"teacher.momentum_unit={teach.momentum_unit!r} must be 'epochs' or 'steps'.")
   _require(teach.momentum_shape in ('linear', 'cosine'),
            f"teacher.momentum_shape={teach.momentum_shape!r} must be 'linear' or 'cosine'.")
-  _require(cfg.model.dtype in ('float32', 'bfloat16'),
-           f"model.dtype={cfg.model.dtype!r} must be 'float32' or 'bfloat16'.")
-  _require(teach.dtype in ('float32', 'bfloat16'),
-           f"teacher.dtype={teach.dtype!r} must be 'float32' or 'bfloat16'.")
+  from mim.models import mae  # local, as in validate
+  _require(cfg.model.dtype in mae.COMPUTE_DTYPES,
+           f"model.dtype={cfg.model.dtype!r} must be one of {mae.COMPUTE_DTYPES}.")
+  _require(teach.dtype in mae.COMPUTE_DTYPES,
+           f"teacher.dtype={teach.dtype!r} must be one of {mae.COMPUTE_DTYPES}.")
 
 
 def _validate_eval(e: ml_collections.ConfigDict, p: ml_collections.ConfigDict) -> None:

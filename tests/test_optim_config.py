@@ -62,6 +62,7 @@ def make_cfg(**overrides):
     ({'model.variant': 'XL'}, "model.variant='XL' is not a ViT preset"),
     ({'batch_size': 0}, 'batch_size=0 must be positive'),
     ({'mesh.data': -1}, 'at most one -1'),
+    ({'model.dtype': 'float16'}, "model.dtype='float16' must be one of ('float32', 'bfloat16', 'auto')"),
 ])
 def test_bad_values_are_rejected_with_the_key(overrides, message):
   with pytest.raises(config_lib.ConfigError) as e:
@@ -87,3 +88,19 @@ def test_shipped_configs_validate():
   import pathlib
   for path in sorted(pathlib.Path(__file__).parent.parent.glob('configs/*.py')):
     config_lib.validate(config_lib.load(str(path)))
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_only(monkeypatch):
+  """The pod recipes compute in bf16 on GPU/TPU and in fp32 on CPU (where parity is tested)."""
+  import pathlib
+  from mim.models import mae
+  cfg = config_lib.load(str(pathlib.Path(__file__).parent.parent / 'configs' / 'mae_vitb.py'))
+  assert cfg.model.dtype == cfg.teacher.dtype == 'auto'
+  assert mae.spec_from_config(cfg.model).dtype == 'float32'   # this CPU
+  for backend, expected in (('gpu', 'bfloat16'), ('tpu', 'bfloat16'), ('cpu', 'float32')):
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert mae.spec_from_config(cfg.model).dtype == expected
+    params, images = mae.cast_for_compute({'w': np.ones(2, np.float32)}, np.ones(2, np.float32),
+                                          'auto')
+    assert params['w'].dtype == images.dtype == expected
+  assert mae.resolve_dtype('float32') == 'float32' and mae.resolve_dtype('bfloat16') == 'bfloat16'

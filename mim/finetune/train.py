@@ -87,7 +87,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         'init_from_state=True continues a pretraining state; fine-tuning starts a new state '
         'from the encoder weights: set --config.init_from_state=False.')
-  if cfg.model.get('dtype', 'float32') != 'float32':
+  if mae.resolve_dtype(cfg.model.get('dtype', 'float32')) != 'float32':
     raise config_lib.ConfigError(
         f"model.dtype={cfg.model.dtype!r}: fine-tuning computes in float32 for now; set "
         "--config.model.dtype=float32.")
@@ -122,7 +122,7 @@ def resolve_weights(cfg) -> tuple[ml_collections.ConfigDict, Any, str]:
     loaded_cfg, params = interop.load(cfg.init_from, cfg.model)
   except interop.InteropError as e:
     raise interop.InteropError(f'init_from={cfg.init_from!r}: {e}') from None
-  keep = {k: cfg.model[k] for k in ('image_size', 'remat', 'scan_blocks')}
+  keep = {k: cfg.model[k] for k in ('image_size', 'remat', 'scan_blocks', 'dtype')}
   cfg.model.update({**loaded_cfg.model.to_dict(), **keep})
   encoder = dict(params['encoder'])
   encoder['Transformer'] = {k: v for k, v in encoder['Transformer'].items()

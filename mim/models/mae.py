@@ -74,7 +74,7 @@ def spec_from_config(model_cfg) -> ModelSpec:
       decoder_heads=model_cfg.decoder_heads,
       decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width,
       remat=model_cfg.remat, scan_blocks=model_cfg.scan_blocks, loss_predictor=model_cfg.loss_predictor,
-      feature_head=model_cfg.feature_head, dtype=model_cfg.dtype)
+      feature_head=model_cfg.feature_head, dtype=resolve_dtype(model_cfg.dtype))
 
 
 def example_inputs(spec: ModelSpec, keep: int = 1, batch: int = 1):
@@ -91,10 +91,22 @@ def abstract_params(spec: ModelSpec) -> dict:
   return sharding.strip_boxes(boxed['params'])
 
 
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'auto')
+
+
+def resolve_dtype(dtype: str) -> str:
+  """A compute dtype of COMPUTE_DTYPES as a dtype name: 'auto' is bfloat16 on GPU and TPU (MAE
+  trains in mixed precision there) and float32 on CPU, where bf16 dots are no faster."""
+  if dtype != 'auto':
+    return dtype
+  return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+
+
 def cast_for_compute(params, images: jax.Array, dtype: str):
-  """(params, images) in the compute dtype. Mixed precision: the float32 params stay the
-  optimizer's master copy; gradients flow back through the cast in float32. Softmax and layer
-  norm statistics run in float32 inside the model, the loss outside it."""
+  """(params, images) in the compute dtype (`resolve_dtype`). Mixed precision: the float32
+  params stay the optimizer's master copy; gradients flow back through the cast in float32.
+  Softmax and layer norm statistics run in float32 inside the model, the loss outside it."""
+  dtype = resolve_dtype(dtype)
   if dtype == 'float32':
     return params, images
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
