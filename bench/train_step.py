@@ -28,7 +28,6 @@ flags.DEFINE_integer('batch', 8, 'Global batch size.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
 flags.DEFINE_bool('json', False, 'End with one JSON line of the results.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype (bfloat16 on GPU/TPU).')
-flags.DEFINE_bool('scan_blocks', False, 'model.scan_blocks: the blocks as one lax.scan.')
 FLAGS = flags.FLAGS
 
 CONFIGS = {'vitb16': 'configs/mae_vitb.py', 'vitl16': 'configs/mae_vitl.py', 'demo': 'configs/demo.py',
@@ -44,7 +43,6 @@ def load_config(name: str):
   cfg = config_lib.load(os.path.join(root, CONFIGS[name]))
   cfg.model.update(OVERRIDES.get(name, {}))
   cfg.model.dtype = flags.FLAGS.dtype if flags.FLAGS.is_parsed() else 'float32'
-  cfg.model.scan_blocks = flags.FLAGS.scan_blocks if flags.FLAGS.is_parsed() else False
   return cfg
 
 

@@ -37,7 +37,6 @@ def default_config() -> ml_collections.ConfigDict:
       width=0, depth=0, num_heads=0, mlp_dim=0,   # 0 = from the variant (mlp 4x width)
       decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=0,
       remat=False,                # recompute block activations in the backward pass (memory)
-      scan_blocks=False,          # blocks as one lax.scan: one block compiled (ViT-H compile time)
       loss_predictor=False,       # HPM: a second decoder predicting each patch's loss
       feature_head=False,         # EMA feature targets: a head regressing features from the decoder
       dtype='float32'))           # compute: 'float32' | 'bfloat16' (fp32 params, optimizer, loss)

@@ -94,14 +94,3 @@ def test_grad_accumulation_and_remat_give_the_same_step(single_device):
   cfg.grad_accum_steps = 2
   cfg.model.remat = True
   assert_same_run(run_steps(cfg, jax.devices()), single_device)
-
-
-def test_scanned_blocks_on_a_mesh_give_the_same_step(single_device):
-  """model.scan_blocks (the blocks' params stacked per step) keeps FSDP + tensor sharding's
-  numbers and the parameters' sharding."""
-  cfg = sharded_config(2, 2, 2)
-  cfg.model.scan_blocks = True
-  run = run_steps(cfg, jax.devices())
-  assert_same_run(run, single_device)
-  kernel = run['state'].params['encoder']['Transformer']['encoderblock_1']['MlpBlock_0']['Dense_0']['kernel']
-  assert kernel.sharding.spec == P('fsdp', 'tensor')

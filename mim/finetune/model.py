@@ -24,8 +24,7 @@ class Classifier(nn.Module):
     """Normalized images (B, H, W, 3) -> logits (B, num_classes)."""
     s = self.spec
     tokens = vit.Encoder(s.patch_size, s.width, s.depth, s.num_heads, s.mlp_dim, s.remat,
-                         drop_path=self.drop_path, final_norm=False, scan=s.scan_blocks,
-                         name='encoder')(images)
+                         drop_path=self.drop_path, final_norm=False, name='encoder')(images)
     pooled = tokens[:, 1:].mean(axis=1)  # global average pool, the cls token left out
     x = vit._layer_norm(name='fc_norm')(pooled)  # pylint: disable=protected-access
     # timm's trunc_normal_(std=2e-5) cuts at +-2 absolute, i.e. not at all: a plain normal here.

@@ -11,7 +11,8 @@ checkpoint) -> final top-1 on data.eval_split in W2/finetune.json.
 The encoder comes from `init_from` (anything mim.interop.load reads: a pretraining workdir,
 official MAE / timm / Hugging Face files; 'random' = a fresh init of config.model, the
 from-scratch baseline). Its architecture comes with the weights; model.image_size (the fine-tuning
-resolution: the sin-cos table is computed for any grid) and model.remat / scan_blocks come from the config.
+resolution: the sin-cos table is computed for any grid), model.remat and model.dtype come from
+the config.
 The pretrained final norm and decoder are dropped; fc_norm and the head start fresh.
 A rerun of the same command resumes from W2's latest checkpoint (train state + data position);
 each step's random key is fold_in(seed, step), so a resumed run repeats the same floats.
@@ -122,7 +123,7 @@ def resolve_weights(cfg) -> tuple[ml_collections.ConfigDict, Any, str]:
     loaded_cfg, params = interop.load(cfg.init_from, cfg.model)
   except interop.InteropError as e:
     raise interop.InteropError(f'init_from={cfg.init_from!r}: {e}') from None
-  keep = {k: cfg.model[k] for k in ('image_size', 'remat', 'scan_blocks', 'dtype')}
+  keep = {k: cfg.model[k] for k in ('image_size', 'remat', 'dtype')}
   cfg.model.update({**loaded_cfg.model.to_dict(), **keep})
   encoder = dict(params['encoder'])
   encoder['Transformer'] = {k: v for k, v in encoder['Transformer'].items()

@@ -44,7 +44,6 @@ class ModelSpec:
   decoder_heads: int
   decoder_mlp_dim: int
   remat: bool = False
-  scan_blocks: bool = False      # blocks as one scan (compile time; vit.Transformer)
   loss_predictor: bool = False   # HPM's second decoder (per-patch loss predictions)
   feature_head: bool = False     # a head regressing teacher features (width D) from the decoder
   dtype: str = 'float32'         # compute dtype ('bfloat16': mixed precision, fp32 params)
@@ -73,7 +72,7 @@ def spec_from_config(model_cfg) -> ModelSpec:
       decoder_width=model_cfg.decoder_width, decoder_depth=model_cfg.decoder_depth,
       decoder_heads=model_cfg.decoder_heads,
       decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width,
-      remat=model_cfg.remat, scan_blocks=model_cfg.scan_blocks, loss_predictor=model_cfg.loss_predictor,
+      remat=model_cfg.remat, loss_predictor=model_cfg.loss_predictor,
       feature_head=model_cfg.feature_head, dtype=resolve_dtype(model_cfg.dtype))
 
 
@@ -129,7 +128,6 @@ class Decoder(nn.Module):
   mlp_dim: int
   out_dim: int
   remat: bool = False
-  scan: bool = False
 
   def setup(self):
     self.embed = nn.Dense(self.width, kernel_init=vit._logical(vit.XAVIER, (None, 'embed')),
@@ -138,7 +136,7 @@ class Decoder(nn.Module):
                                  vit._logical(vit.TOKEN_INIT, (None, None, 'embed')),
                                  (1, 1, self.width))
     self.Transformer = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='decoder',
-                                       remat=self.remat, scan=self.scan)
+                                       remat=self.remat)
     self.pred = _dense(self.out_dim)
 
   def tokens(self, tokens: jax.Array, ids_restore: jax.Array) -> jax.Array:
@@ -166,12 +164,11 @@ class LossPredictor(nn.Module):
   mlp_dim: int
   out_dim: int
   remat: bool = False
-  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='decoder',
-                        remat=self.remat, scan=self.scan, name='Transformer')(x)
+                        remat=self.remat, name='Transformer')(x)
     return _dense(self.out_dim, 'pred')(x)[:, 1:].mean(axis=-1)
 
 
@@ -180,13 +177,12 @@ class MAE(nn.Module):
 
   def setup(self):
     s = self.spec
-    self.encoder = vit.Encoder(s.patch_size, s.width, s.depth, s.num_heads, s.mlp_dim, s.remat,
-                               scan=s.scan_blocks)
+    self.encoder = vit.Encoder(s.patch_size, s.width, s.depth, s.num_heads, s.mlp_dim, s.remat)
     self.decoder = Decoder(s.decoder_width, s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
-                           s.patch_dim, s.remat, s.scan_blocks)
+                           s.patch_dim, s.remat)
     if s.loss_predictor:
       self.loss_predictor = LossPredictor(s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
-                                          s.patch_dim, s.remat, s.scan_blocks)
+                                          s.patch_dim, s.remat)
     if s.feature_head:
       self.feature_head = _dense(s.width)
 

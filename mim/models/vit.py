@@ -210,13 +210,6 @@ class Transformer(nn.Module):
   (only block inputs stay live): ~1/3 more compute for a fraction of the activation memory.
   `drop_path` is the last block's stochastic-depth rate, rising linearly from 0 at the first
   (timm); `final_norm=False` leaves the final LayerNorm out (MAE fine-tuning pools before fc_norm).
-
-  With `scan`, the blocks run as one `jax.lax.scan` over their parameters stacked at call time,
-  so XLA compiles one block instead of `depth` (ViT-H compiles in a fraction of the time). The
-  parameters stay one subtree per block: checkpoints, interop, layer decay and the teacher's
-  captures see the same tree either way. The price is one stacked copy of the blocks' params
-  (and of their gradients) per step. Initialization, drop path, and passes that sow attention
-  or capture intermediates (teacher, feature extraction, no gradient) run the blocks unrolled.
   """
   depth: int
   num_heads: int
@@ -225,33 +218,14 @@ class Transformer(nn.Module):
   remat: bool = False
   drop_path: float = 0.0
   final_norm: bool = True
-  scan: bool = False
 
   @nn.compact
   def __call__(self, x):
-    names = [f'{self.prefix}block_{i}' for i in range(self.depth)]
-    if self.scan and not (self.is_initializing() or self.drop_path > 0
-                          or self.is_mutable_collection('attention')
-                          or self.is_mutable_collection('intermediates')):
-      x = scan_blocks(EncoderBlock(self.num_heads, self.mlp_dim),
-                      [self.variables['params'][name] for name in names], x, self.remat)
-    else:
-      block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
-      for i, name in enumerate(names):
-        x = block(self.num_heads, self.mlp_dim, self.drop_path * i / max(self.depth - 1, 1),
-                  name=name)(x)
+    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      rate = self.drop_path * i / max(self.depth - 1, 1)
+      x = block(self.num_heads, self.mlp_dim, rate, name=f'{self.prefix}block_{i}')(x)
     return _layer_norm(name=f'{self.prefix}_norm')(x) if self.final_norm else x
-
-
-def scan_blocks(block: nn.Module, block_params: list, x: jax.Array, remat: bool) -> jax.Array:
-  """x through `block` applied with each of `block_params` in order, as one scan."""
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *block_params)
-
-  def body(carry, params):
-    return block.apply({'params': params}, carry), None
-
-  x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, stacked)
-  return x
 
 
 class PatchEmbedding(nn.Module):
@@ -289,7 +263,6 @@ class Encoder(nn.Module):
   remat: bool = False
   drop_path: float = 0.0     # fine-tuning only (see Transformer); 0 in pretraining
   final_norm: bool = True
-  scan: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> jax.Array:
@@ -306,4 +279,4 @@ class Encoder(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='encoder',
                        remat=self.remat, drop_path=self.drop_path, final_norm=self.final_norm,
-                       scan=self.scan, name='Transformer')(x)
+                       name='Transformer')(x)
