@@ -12,8 +12,8 @@ Recipe (methods.md §1.9): cls token after the final norm -> BatchNorm without a
   center crop 224. BN statistics are over the global batch (MAE's DDP: per GPU).
 Output: W2/eval/linear.json (top-1, top-5, the mode and subsets) and one printed line.
 Expected: 68.0% top-1 (paper, TF/TPU) / 67.8% (PyTorch repo) for MAE ViT-B/16 1600 ep.
-Cost: 90 epochs of ViT-B/16 forward passes over 1.28M images (~1.6e19 FLOP; the head is free):
-  about a third of a fine-tuning run.
+Cost: 90 epochs of ViT-B/16 forward passes over 1.28M images (35.1 GFLOP each, mim/flops.py:
+  ~4.0e18 FLOP; the head is free): about a third of a fine-tuning run (forward + backward).
 """
 from mim import config as config_lib
 
