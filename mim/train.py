@@ -390,9 +390,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
         pending.append((step, step_metrics))
         log_now = step % cfg.log_every_steps == 0 or step == total_steps or probe.due(step)
         save_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps
+        draw_now = (cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0
+                    and step != total_steps)  # the final grid is drawn after the loop
         stopping = stop.requested(agree=log_now or save_now)
         log_now, save_now = log_now or stopping, save_now or stopping
-        if not (log_now or save_now):
+        if not (log_now or save_now or draw_now):
           continue
         # Logged values are the step's own (not window means), so a resumed run logs the
         # same sequence as one that never stopped.
@@ -415,9 +417,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
                   + f' | ETA {metrics_lib.format_duration(sec_per_step * (total_steps - step))}',
                   flush=True)
           t_last, step_last = now, step
-        if (cfg.reconstruction_every_steps and step % cfg.reconstruction_every_steps == 0
-            and step != total_steps):  # the final grid is drawn after the loop
+        if draw_now:
           save_reconstructions(step)
+          t_last, step_last = time.perf_counter(), step  # drawing is not training time
         if save_now:
           ckpt_lib.save(mngr, step, state, train_iter, cfg.to_dict())
         if probe.due(step) and not stopping:  # after the save: a probe never costs a checkpoint

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +157,21 @@ def test_bfloat16_compute_stays_close_to_float32():
   np.testing.assert_allclose(float(bf16['loss']), float(f32['loss']), rtol=2e-2)
   np.testing.assert_allclose(float(bf16['grad_norm']), float(f32['grad_norm']), rtol=5e-2)
   assert float(bf16['loss']) != float(f32['loss'])
+
+
+def test_reconstruction_grids_stay_out_of_the_throughput(tmp_path, monkeypatch):
+  """A grid at step 3 made 1 s slower: the next logged sec_per_step (step 4) is still the
+  training speed (without the timer restart it would include half of that second)."""
+  from mim.evaluate import reconstruction
+  draw = reconstruction.save_reconstruction_grid
+
+  def slow_draw(*args, **kwargs):
+    time.sleep(1.0)
+    return draw(*args, **kwargs)
+
+  monkeypatch.setattr(reconstruction, 'save_reconstruction_grid', slow_draw)
+  train.train(tiny_config(checkpoint_every_steps=100), str(tmp_path))
+  rows = [r for r in read_jsonl(tmp_path / 'metrics.jsonl') if 'sec_per_step' in r]
+  assert [r['step'] for r in rows] == [2, 4, 6]
+  assert os.path.exists(tmp_path / 'reconstructions' / 'step_0000003.png')
+  assert all(r['sec_per_step'] < 0.3 for r in rows[1:]), rows
