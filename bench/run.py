@@ -7,9 +7,10 @@ For each case, two worker processes build the same architecture: ours (this file
 --worker_case: the real jitted step of mim/train.py: masking, forward, backward, AdamW, NaN guard)
 and Hugging Face's (bench/hf_step.py, which never imports jax: fp32, sdpa attention, the `noise`
 argument given so masking costs the same, torch AdamW with MAE's betas (0.9, 0.95) and weight
-decay 0.05 off biases and norms, `torch.set_num_threads` = all cores, as XLA uses). The parent alternates them: a few steps of one, then of the other,
-`--rounds` times, and reports medians, so both see the same machine state. Separate processes
-keep each side's thread pool and peak RSS its own.
+decay 0.05 off biases and norms, `torch.set_num_threads` = all cores, as XLA uses). The parent
+alternates them: a few steps of one, then of the other, `--rounds` times, and reports medians,
+so both see the same machine state. Separate processes keep each side's thread pool and peak RSS
+its own.
 
 Also printed: compile time, peak RSS, GFLOP/s (analytic, mim/flops.py) and % of this machine's
 measured 2048^3 matmul rate, the masking overhead (bench/masking.py), and the input pipeline's
