@@ -46,6 +46,7 @@ def method_configs(model: str) -> dict:
 
 def main(argv):
   del argv
+  step_bench.tune_malloc()
   built = {}
   for name, cfg in method_configs(FLAGS.model).items():
     compiled, state, batch, compile_s, parts = step_bench.compiled_step(cfg, FLAGS.batch)

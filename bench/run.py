@@ -46,6 +46,7 @@ FLAGS = flags.FLAGS
 
 def _ours(model: str, batch: int):
   """(run(n) -> step seconds, compile seconds, info) for our jitted step."""
+  step_bench.tune_malloc()
   import jax
   from mim import flops as flops_lib
   cfg = step_bench.load_config(model)
@@ -83,7 +84,8 @@ class Worker:
   def __init__(self, kind: str, case: str):
     here = os.path.dirname(os.path.abspath(__file__))
     model, batch = case.split(':')
-    command = ([os.path.join(here, 'run.py'), f'--worker_case={case}'] if kind == 'ours' else
+    command = ([os.path.join(here, 'run.py'), f'--worker_case={case}',
+                f'--keep_freed_memory={FLAGS.keep_freed_memory}'] if kind == 'ours' else
                [os.path.join(here, 'hf_step.py'), json.dumps(hf_setup(model, int(batch)))])
     self.proc = subprocess.Popen(
         [sys.executable] + command,

@@ -20,6 +20,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 
 from mim import flops as flops_lib  # noqa: E402
+from mim import host_memory  # noqa: E402
 from mim import config as config_lib  # noqa: E402
 from mim import sharding, train  # noqa: E402
 
@@ -28,6 +29,8 @@ flags.DEFINE_integer('batch', 8, 'Global batch size.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
 flags.DEFINE_bool('json', False, 'End with one JSON line of the results.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype (bfloat16 on GPU/TPU).')
+flags.DEFINE_bool('keep_freed_memory', True, 'As main.py: glibc reuses freed memory instead of '
+                  'page-faulting XLA\'s CPU buffers anew every step (mim/host_memory.py).')
 FLAGS = flags.FLAGS
 
 CONFIGS = {'vitb16': 'configs/mae_vitb.py', 'vitl16': 'configs/mae_vitl.py', 'demo': 'configs/demo.py',
@@ -44,6 +47,12 @@ def load_config(name: str):
   cfg.model.update(OVERRIDES.get(name, {}))
   cfg.model.dtype = flags.FLAGS.dtype if flags.FLAGS.is_parsed() else 'float32'
   return cfg
+
+
+def tune_malloc() -> None:
+  """main.py's allocator setting, unless --nokeep_freed_memory; call before jax's first use."""
+  if FLAGS.keep_freed_memory:
+    host_memory.keep_freed_memory()
 
 
 def matmul_peak_gflops() -> float:
@@ -84,6 +93,7 @@ def time_steps(compiled, state, batch, steps: int) -> tuple[list[float], dict, o
 
 def main(argv):
   del argv
+  tune_malloc()
   cfg = load_config(FLAGS.model)
   compiled, state, batch, compile_s, parts = compiled_step(cfg, FLAGS.batch)
   spec = parts.spec
