@@ -46,9 +46,10 @@ def method_configs(model: str) -> dict:
 
 def main(argv):
   del argv
-  step_bench.tune_malloc()
+  configs = method_configs(FLAGS.model)
+  step_bench.tune_malloc(configs['mae'])
   built = {}
-  for name, cfg in method_configs(FLAGS.model).items():
+  for name, cfg in configs.items():
     compiled, state, batch, compile_s, parts = step_bench.compiled_step(cfg, FLAGS.batch)
     built[name] = dict(compiled=compiled, state=state, batch=batch, compile_s=compile_s,
                        gflop=flops_lib.train_flops_per_image(parts.spec, parts.keep,

@@ -46,10 +46,10 @@ FLAGS = flags.FLAGS
 
 def _ours(model: str, batch: int):
   """(run(n) -> step seconds, compile seconds, info) for our jitted step."""
-  step_bench.tune_malloc()
   import jax
   from mim import flops as flops_lib
   cfg = step_bench.load_config(model)
+  step_bench.tune_malloc(cfg)
   compiled, state, data, compile_s, parts = step_bench.compiled_step(cfg, batch)
   box = {'state': state}
 
@@ -84,8 +84,9 @@ class Worker:
   def __init__(self, kind: str, case: str):
     here = os.path.dirname(os.path.abspath(__file__))
     model, batch = case.split(':')
-    command = ([os.path.join(here, 'run.py'), f'--worker_case={case}',
-                f'--keep_freed_memory={FLAGS.keep_freed_memory}'] if kind == 'ours' else
+    keep = [] if FLAGS.keep_freed_memory is None else [
+        f'--keep_freed_memory={FLAGS.keep_freed_memory}']
+    command = ([os.path.join(here, 'run.py'), f'--worker_case={case}'] + keep if kind == 'ours' else
                [os.path.join(here, 'hf_step.py'), json.dumps(hf_setup(model, int(batch)))])
     self.proc = subprocess.Popen(
         [sys.executable] + command,

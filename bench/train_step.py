@@ -29,8 +29,9 @@ flags.DEFINE_integer('batch', 8, 'Global batch size.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
 flags.DEFINE_bool('json', False, 'End with one JSON line of the results.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype (bfloat16 on GPU/TPU).')
-flags.DEFINE_bool('keep_freed_memory', True, 'As main.py: glibc reuses freed memory instead of '
-                  'page-faulting XLA\'s CPU buffers anew every step (mim/host_memory.py).')
+flags.DEFINE_bool('keep_freed_memory', None, 'glibc reuses freed memory instead of page-faulting '
+                  'XLA\'s CPU buffers anew every step (mim/host_memory.py). Default: the '
+                  'config\'s keep_freed_host_memory, as main.py.')
 FLAGS = flags.FLAGS
 
 CONFIGS = {'vitb16': 'configs/mae_vitb.py', 'vitl16': 'configs/mae_vitl.py', 'demo': 'configs/demo.py',
@@ -49,9 +50,9 @@ def load_config(name: str):
   return cfg
 
 
-def tune_malloc() -> None:
-  """main.py's allocator setting, unless --nokeep_freed_memory; call before jax's first use."""
-  if FLAGS.keep_freed_memory:
+def tune_malloc(cfg) -> None:
+  """main.py's allocator setting for `cfg` (or --keep_freed_memory); before jax's first use."""
+  if cfg.keep_freed_host_memory if FLAGS.keep_freed_memory is None else FLAGS.keep_freed_memory:
     host_memory.keep_freed_memory()
 
 
@@ -93,8 +94,8 @@ def time_steps(compiled, state, batch, steps: int) -> tuple[list[float], dict, o
 
 def main(argv):
   del argv
-  tune_malloc()
   cfg = load_config(FLAGS.model)
+  tune_malloc(cfg)
   compiled, state, batch, compile_s, parts = compiled_step(cfg, FLAGS.batch)
   spec = parts.spec
   xla_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
