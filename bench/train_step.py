@@ -52,7 +52,8 @@ def load_config(name: str):
 
 def tune_malloc(cfg) -> None:
   """main.py's allocator setting for `cfg` (or --keep_freed_memory); before jax's first use."""
-  if cfg.keep_freed_host_memory if FLAGS.keep_freed_memory is None else FLAGS.keep_freed_memory:
+  keep = FLAGS.keep_freed_memory
+  if cfg.keep_freed_host_memory if keep is None else keep:
     host_memory.keep_freed_memory()
 
 
