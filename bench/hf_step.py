@@ -61,5 +61,20 @@ def build(setup: dict):
   return run, time.perf_counter() - t
 
 
+def matmul_gflops(n: int = 2048, reps: int = 7) -> float:
+  """torch's best n^3 fp32 matmul rate here (GFLOP/s): next to XLA's, it tells how much of a
+  ratio between the two steps is the BLAS (MKL's sgemm on AMD EPYC runs at half XLA's rate)."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  x = torch.randn(n, n)
+  x @ x
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    x @ x
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
 if __name__ == '__main__':
   serve(*build(json.loads(sys.argv[1])), {})

@@ -13,9 +13,10 @@ so both see the same machine state. Separate processes keep each side's thread p
 its own.
 
 Also printed: compile time, peak RSS, GFLOP/s (analytic, mim/flops.py) and % of this machine's
-measured 2048^3 matmul rate, the masking overhead (bench/masking.py), and the input pipeline's
-images/s per worker (bench/data_pipeline.py: JPEG folder and TFDS ArrayRecord, 224 px) next to
-what the ViT-B step consumes. `--json` ends with one JSON line holding every figure.
+measured 2048^3 matmul rate (XLA's, and torch's next to it: the speed-up moves between machine
+kinds with the ratio of the two BLAS rates), the masking overhead (bench/masking.py), and the
+input pipeline's images/s per worker (bench/data_pipeline.py: JPEG folder and TFDS ArrayRecord,
+224 px) next to what the ViT-B step consumes. `--json` ends with one JSON line holding every figure.
 """
 import json
 import os
@@ -142,6 +143,14 @@ def measure_case(case: str, rounds: int, steps: int) -> dict:
               keep=setup['ours']['keep'], num_patches=setup['ours']['num_patches'])
 
 
+def torch_matmul_gflops() -> float:
+  """bench/hf_step.py's matmul rate, in a process of its own while no worker runs."""
+  res = subprocess.run([sys.executable, '-c', 'import hf_step; print(hf_step.matmul_gflops())'],
+                       capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+  return round(float(res.stdout.strip().splitlines()[-1]), 1)
+
+
 def masking_overhead(batch: int, grid: tuple[int, int]) -> dict:
   import ml_collections
   from mim import masking
@@ -172,11 +181,16 @@ def main(argv):
     hf_step.serve(*_ours(model, int(batch)))
     return
   from mim import flops as flops_lib
+  # Each BLAS rate before and after the cases, the better kept: one reading can halve when the
+  # VM's neighbours are busy (XLA 209 then 413 GFLOP/s a minute apart on an AMD EPYC).
+  peaks = [(flops_lib.measure_matmul_peak('float32') / 1e9, torch_matmul_gflops())]
   results = [measure_case(case, FLAGS.rounds, FLAGS.per_round) for case in FLAGS.cases]
-  peak = flops_lib.measure_matmul_peak('float32') / 1e9
+  peaks.append((flops_lib.measure_matmul_peak('float32') / 1e9, torch_matmul_gflops()))
+  peak, torch_peak = (max(p) for p in zip(*peaks))
   cpu = flops_lib.cpu_name()
   print(f'\n{cpu}, {os.cpu_count()} cores, fp32; {time.strftime("%Y-%m-%d")}; medians of '
-        f'{FLAGS.rounds} alternating rounds x {FLAGS.per_round} steps; 2048^3 matmul {peak:.0f} GFLOP/s')
+        f'{FLAGS.rounds} alternating rounds x {FLAGS.per_round} steps; 2048^3 matmul '
+        f'{peak:.0f} GFLOP/s in XLA, {torch_peak:.0f} in torch')
   print('\n| model, batch | HF ViTMAE s/step | ours s/step | speedup | ours img/s | ours GFLOP/s '
         '(% of matmul) | ours compile s | peak RSS ours / HF GiB |')
   print('|---|---:|---:|---:|---:|---:|---:|---:|')
@@ -187,7 +201,7 @@ def main(argv):
           f'| {r["ours_img_s"]} | {r["ours_gflops"]} ({100 * r["ours_peak_fraction"]:.0f}%) '
           f'| {r["ours_compile_s"]} | {r["ours_rss_gib"]} / {r["hf_rss_gib"]} |')
   summary = dict(cpu=cpu, cores=os.cpu_count(), date=time.strftime('%Y-%m-%d'),
-                 matmul_peak_gflops=round(peak, 1), cases=results)
+                 matmul_peak_gflops=round(peak, 1), torch_matmul_gflops=torch_peak, cases=results)
   vitb = next((r for r in results if r['model'] == 'vitb16'), None)
   if vitb:
     side = int(round(vitb['num_patches'] ** 0.5))
