@@ -9,8 +9,9 @@ and Hugging Face's (bench/hf_step.py, which never imports jax: fp32, sdpa attent
 argument given so masking costs the same, torch AdamW with MAE's betas (0.9, 0.95) and weight
 decay 0.05 off biases and norms, `torch.set_num_threads` = all cores, as XLA uses). The parent
 alternates them: a few steps of one, then of the other, `--rounds` times, and reports medians,
-so both see the same machine state. Separate processes keep each side's thread pool and peak RSS
-its own.
+so both see the same machine state, and the range of each round's ratio (a busy neighbour slows
+both sides of a round alike, so the spread of the per-round ratios says how far to trust the
+median's). Separate processes keep each side's thread pool and peak RSS its own.
 
 Also printed: compile time, peak RSS, GFLOP/s (analytic, mim/flops.py) and % of this machine's
 measured 2048^3 matmul rate (XLA's, and torch's next to it: the speed-up moves between machine
@@ -36,7 +37,7 @@ import train_step as step_bench  # noqa: E402  (bench/train_step.py: its flags, 
 
 flags.DEFINE_list('cases', ['vitb16:8', 'demo:128', 'tiny32:128'], 'model:batch pairs '
                   '(models of bench/train_step.py).')
-flags.DEFINE_integer('rounds', 3, 'Alternations of ours and Hugging Face per case.')
+flags.DEFINE_integer('rounds', 5, 'Alternations of ours and Hugging Face per case.')
 flags.DEFINE_integer('per_round', 2, 'Timed steps per side per round.')
 flags.DEFINE_bool('pipeline', True, 'Also measure the input pipeline (about a minute).')
 flags.DEFINE_string('worker_case', None, 'Internal: run as our side\'s worker of this model:batch.')
@@ -120,11 +121,15 @@ def measure_case(case: str, rounds: int, steps: int) -> dict:
   setup = {kind: w.read() for kind, w in sides.items()}  # both build at once, then time alone
   times = {kind: [] for kind in sides}
   rss = {}
+  round_speedups = []  # each round's HF median over ours: the two sides seconds apart
   for _ in range(rounds):
+    medians = {}
     for kind, w in sides.items():
       reply = w.run(steps)
       times[kind] += reply['times']
       rss[kind] = reply['peak_rss']
+      medians[kind] = statistics.median(reply['times'])
+    round_speedups.append(round(medians['hf'] / medians['ours'], 3))
   for w in sides.values():
     w.close()
   model, batch = case.split(':')
@@ -134,7 +139,7 @@ def measure_case(case: str, rounds: int, steps: int) -> dict:
               ours_s=round(sec['ours'], 4), hf_s=round(sec['hf'], 4),
               ours_range=[round(min(times['ours']), 3), round(max(times['ours']), 3)],
               hf_range=[round(min(times['hf']), 3), round(max(times['hf']), 3)],
-              speedup=round(sec['hf'] / sec['ours'], 3),
+              speedup=round(sec['hf'] / sec['ours'], 3), round_speedups=round_speedups,
               ours_img_s=round(int(batch) / sec['ours'], 1), hf_img_s=round(int(batch) / sec['hf'], 1),
               ours_gflops=round(gflop / sec['ours'], 1), hf_gflops=round(gflop / sec['hf'], 1),
               ours_compile_s=round(setup['ours']['compile_s'], 1),
@@ -191,13 +196,14 @@ def main(argv):
   print(f'\n{cpu}, {os.cpu_count()} cores, fp32; {time.strftime("%Y-%m-%d")}; medians of '
         f'{FLAGS.rounds} alternating rounds x {FLAGS.per_round} steps; 2048^3 matmul '
         f'{peak:.0f} GFLOP/s in XLA, {torch_peak:.0f} in torch')
-  print('\n| model, batch | HF ViTMAE s/step | ours s/step | speedup | ours img/s | ours GFLOP/s '
+  print('\n| model, batch | HF ViTMAE s/step | ours s/step | speedup (per round) | ours img/s | ours GFLOP/s '
         '(% of matmul) | ours compile s | peak RSS ours / HF GiB |')
   print('|---|---:|---:|---:|---:|---:|---:|---:|')
   for r in results:
     r['ours_peak_fraction'] = round(r['ours_gflops'] / peak, 3)
     print(f'| {r["model"]}, {r["batch"]} | {r["hf_s"]:.3f} ({r["hf_range"][0]}-{r["hf_range"][1]}) '
           f'| {r["ours_s"]:.3f} ({r["ours_range"][0]}-{r["ours_range"][1]}) | {r["speedup"]:.2f}x '
+          f'({min(r["round_speedups"]):.2f}-{max(r["round_speedups"]):.2f}) '
           f'| {r["ours_img_s"]} | {r["ours_gflops"]} ({100 * r["ours_peak_fraction"]:.0f}%) '
           f'| {r["ours_compile_s"]} | {r["ours_rss_gib"]} / {r["hf_rss_gib"]} |')
   summary = dict(cpu=cpu, cores=os.cpu_count(), date=time.strftime('%Y-%m-%d'),
