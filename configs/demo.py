@@ -6,7 +6,9 @@ Command:
   methods: mae (random masking), colormae (green noise), colormae_red|colormae_blue|colormae_purple,
   blockmask (BEiT blocks), radial (sectors); see the README, "Masking strategies";
   with an EMA teacher: hpm (hard patches mining), data2vec (EMA feature targets + pixels),
-  attmask (masks what the teacher attends to); see the README, "Teacher-driven methods".
+  attmask (masks what the teacher attends to); see the README, "Teacher-driven methods";
+  distilled from a frozen teacher (the demo's own MAE run in workdirs/demo, trained first):
+  mrmae, dmae, maskalign, dtm; see docs/distillation.md.
 Data: the 1797 8x8 digits shipped in scikit-learn (1437 train / 360 held out), upscaled to 32x32.
 Model: ViT 128 wide x 6 blocks (4 heads), patch 8 (16 patches, 4 visible), decoder 64x2.
   Few, large patches make the 75% masking task need the digit's shape, not local interpolation.
@@ -26,7 +28,8 @@ MASKING = {'mae': ('random', ''), 'colormae': ('colored_noise', 'green'),
            'colormae_red': ('colored_noise', 'red'), 'colormae_blue': ('colored_noise', 'blue'),
            'colormae_purple': ('colored_noise', 'purple'), 'blockmask': ('block', ''),
            'radial': ('radial', ''), 'hpm': ('hard_patches', ''), 'data2vec': ('random', ''),
-           'attmask': ('attention', '')}
+           'attmask': ('attention', ''), 'mrmae': ('random', ''), 'dmae': ('random', ''),
+           'maskalign': ('random', ''), 'dtm': ('block', '')}
 METHODS = tuple(MASKING)
 
 
@@ -57,5 +60,13 @@ def get_config(arg=None):
   # Teacher-driven methods: a faster EMA than the ImageNet recipes' (600 steps, not 100 epochs).
   c.teacher.update(dict(momentum=((0.0, 0.99), (300.0, 0.999)), momentum_unit='steps'))
   config_lib.add_method_heads(c, method, feature_top_k=3)
+  if method in config_lib.DISTILL_METHODS:
+    # The demo's own MAE run (the first command above, 600 steps) as the frozen teacher.
+    c.teacher.update(dict(weights='workdirs/demo', model=dict(
+        variant='', image_size=32, patch_size=8, width=128, depth=6, num_heads=4)))
+    config_lib.add_distillation(c, method)
+    if method == 'dtm':  # DTM's BEiT block masking (40%) and ToMe schedule on 16 patches
+      c.masking.ratio = 0.4
+      c.distill.morph_max_steps = 4
   c.eval.knn = True
   return c

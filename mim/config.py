@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
       remat=False,                # recompute block activations in the backward pass (memory)
       loss_predictor=False,       # HPM: a second decoder predicting each patch's loss
       feature_head=False,         # EMA feature targets: a head regressing features from the decoder
+      decoder=True,               # False: no decoder and no pixel loss (MaskAlign: distill only)
       dtype='float32'))           # compute: 'float32' | 'bfloat16' (fp32 params, optimizer, loss)
                                   # | 'auto' (bfloat16 on GPU/TPU, float32 on CPU)
 
@@ -57,15 +58,54 @@ def default_config() -> ml_collections.ConfigDict:
       feature_ramp_epochs=0.0,    # > 0: feature weight * min((epoch + 1) / this, 1) (BootMAE)
       feature_top_k=6,            # data2vec targets: mean of the teacher's top-K blocks
       feature_loss='smooth_l1',   # 'smooth_l1' (data2vec, beta below) | 'mse'
-      feature_beta=2.0))
+      feature_beta=2.0,
+      distill_weight=0.0))        # frozen-teacher distillation (the distill section)
 
-  # The EMA teacher (mim/teacher.py), in the state when a masking strategy or term needs it.
+  # The teacher (mim/teacher.py): 'ema', a copy of the student in the state when a masking
+  # strategy or term needs it; or 'frozen', a pretrained ViT read from `weights` (any format
+  # init_from reads), never updated, not checkpointed, for the distillation term below.
   c.teacher = ml_collections.ConfigDict(dict(
+      kind='ema',                 # 'ema' | 'frozen'
+      weights='',                 # frozen: a workdir, checkpoint, .safetensors, HF directory, .pth
+      weights_sha256='',          # frozen: the weights' digest; '' = recorded at the start of a run
+      blocks=0,                   # frozen: run only the first K blocks (DMAE); 0 = all
+      resample=False,             # frozen: resize images to teacher.model.image_size and the
+                                  # teacher's token grid to the student's when they differ
+      # frozen: the teacher's ViT (any size, patch size and depth), as model.* ('' = explicit).
+      model=ml_collections.ConfigDict(dict(variant='B', image_size=224, patch_size=16, width=0,
+                                           depth=0, num_heads=0, mlp_dim=0)),
       momentum=((0.0, 0.999), (100.0, 0.9999)),  # (time, tau) points; constant after the last
       momentum_unit='epochs',     # the points' time: 'epochs' | 'steps'
       momentum_shape='linear',    # between points: 'linear' | 'cosine'
       momentum_per_epoch=False,   # hold tau within each epoch (the official per-epoch updates)
       dtype='float32'))           # the teacher pass: 'float32' | 'bfloat16' | 'auto'
+
+  # Distillation from the frozen teacher (targets.distill_weight > 0; mim/objectives.distill_term,
+  # docs/distillation.md):
+  # student features (through a head) against teacher block outputs on the same tokens.
+  c.distill = ml_collections.ConfigDict(dict(
+      student='encoder',          # 'encoder': block outputs on the visible tokens (MR-MAE, DMAE,
+                                  # MaskAlign) | 'decoder': the decoder's output tokens (DTM)
+      student_layers=(-1,),       # encoder block indices (0-based, negative from the end)
+      teacher_layers=(-1,),       # teacher block indices (0-based, negative from the end)
+      tokens='visible',           # 'visible' (student='encoder') | 'all' | 'masked' (decoder)
+      head='linear',              # per teacher layer: 'linear' | 'mlp' (Dense-GELU-Dense)
+      head_hidden=0,              # mlp hidden width; 0 = the teacher's width
+      align='direct',             # 'direct': i-th student layer -> i-th teacher layer (or one
+                                  # student layer -> every teacher layer) | 'dynamic': MaskAlign's
+                                  # learnable weights mixing all student layers per teacher layer
+      final_norm=True,            # a model's last block is taken after its final LayerNorm
+                                  # (the encoder's output; MR-MAE, DTM); False: raw (MaskAlign)
+      normalize='target_layer_norm',  # before the loss: the teacher's features LayerNorm'd (no
+                                  # affine; MR-MAE, MaskAlign) | 'l2': both sides unit-length per
+                                  # token (DMAE) | 'none' (DTM)
+      loss='smooth_l1',           # 'smooth_l1' (beta) | 'mse' | 'l1' | 'cosine' (1 - cos)
+      beta=2.0,
+      morph=False,                # DTM: aggregate both sides with the teacher's ToMe groups
+      morph_branches=2,           # independent morphing schedules, losses averaged
+      morph_max_tokens=0,         # tokens merged n ~ U{0..this}; 0 = all patches
+      morph_max_steps=14,         # steps k ~ U{1..this}
+      morph_per_sample=True))     # a schedule per sample (the paper); False: one per batch (code)
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4,             # lr = base_lr * batch_size / 256
@@ -148,6 +188,50 @@ def add_method_heads(c: ml_collections.ConfigDict, method: str, feature_top_k: i
   if method == 'data2vec':
     c.model.feature_head = True
     c.targets.update(dict(feature_weight=1.0, feature_top_k=feature_top_k))
+
+
+DISTILL_METHODS = ('mrmae', 'dmae', 'maskalign', 'dtm')
+
+
+def add_distillation(c: ml_collections.ConfigDict, method: str) -> None:
+  """A frozen-teacher method (docs/distillation.md) on a config whose model.* and teacher.model.*
+  are set; layers scale with the depths as in the papers' ViT-B students:
+  'mrmae' the encoder's output (visible tokens, linear head) mimics the teacher's LayerNorm'd
+    output (MSE), beside the pixel loss;
+  'dmae' block 3/4 of the student (linear head) against block 3/4 of the teacher, which runs
+    only that far; L1 between unit-length features, beside the pixel loss (no norm-pix);
+  'maskalign' no decoder and no pixel loss: every student block (raw) mixed by Dynamic Alignment
+    into the teacher's last 5 blocks (LayerNorm'd), 2 x smooth-L1 (beta 1), mask ratio 0.7;
+  'dtm' the decoder's output at every patch against the teacher's output, both replaced by the
+    means of the teacher's ToMe groups (2 branches), smooth-L1 (beta 2), no pixel loss."""
+  from mim import teacher as teacher_lib  # local, as in validate
+  from mim.models import mae
+  depth = mae.spec_from_config(c.model).depth
+  teacher_depth = mae.spec_from_config(teacher_lib.teacher_model_config(c)).depth
+  c.teacher.kind = 'frozen'
+  c.targets.distill_weight = 1.0
+  d = c.distill
+  if method == 'mrmae':
+    d.update(dict(student_layers=(-1,), teacher_layers=(-1,), loss='mse'))
+  elif method == 'dmae':
+    c.teacher.blocks = round(0.75 * teacher_depth)
+    c.targets.norm_pix = False
+    d.update(dict(student_layers=(round(0.75 * depth) - 1,), teacher_layers=(c.teacher.blocks - 1,),
+                  normalize='l2', loss='l1'))
+  elif method == 'maskalign':
+    c.model.decoder = False
+    c.masking.ratio = 0.7
+    c.targets.pixel_weight = 0.0
+    c.targets.distill_weight = 2.0
+    d.update(dict(student_layers=tuple(range(depth)),
+                  teacher_layers=tuple(range(max(teacher_depth - 5, 0), teacher_depth)),
+                  align='dynamic', final_norm=False, loss='smooth_l1', beta=1.0))
+  elif method == 'dtm':
+    c.targets.pixel_weight = 0.0
+    d.update(dict(student='decoder', tokens='all', morph=True, normalize='none', loss='smooth_l1',
+                  beta=2.0))
+  else:
+    raise ValueError(f'Unknown distillation method {method!r}; choose one of {DISTILL_METHODS}.')
 
 
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -236,7 +320,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def _validate_method(cfg: ml_collections.ConfigDict, spec) -> None:
   t, teach = cfg.targets, cfg.teacher
-  for key in ('pixel_weight', 'loss_pred_weight', 'feature_weight', 'feature_ramp_epochs'):
+  for key in ('pixel_weight', 'loss_pred_weight', 'feature_weight', 'feature_ramp_epochs',
+              'distill_weight'):
     _require(t[key] >= 0, f'targets.{key}={t[key]} must be >= 0.')
   _require(t.pixel_weight > 0 or not t.loss_pred_weight,
            'targets.loss_pred_weight > 0 ranks the pixel losses: keep targets.pixel_weight > 0.')
@@ -266,6 +351,84 @@ def _validate_method(cfg: ml_collections.ConfigDict, spec) -> None:
            f"model.dtype={cfg.model.dtype!r} must be one of {mae.COMPUTE_DTYPES}.")
   _require(teach.dtype in mae.COMPUTE_DTYPES,
            f"teacher.dtype={teach.dtype!r} must be one of {mae.COMPUTE_DTYPES}.")
+  _validate_distill(cfg, spec)
+
+
+def _validate_distill(cfg: ml_collections.ConfigDict, spec) -> None:
+  """The frozen teacher and the distillation term (mim/teacher.py, docs/distillation.md)."""
+  t, teach, d = cfg.targets, cfg.teacher, cfg.distill
+  _require(teach.kind in ('ema', 'frozen'), f"teacher.kind={teach.kind!r} must be 'ema' or 'frozen'.")
+  _require(cfg.model.decoder or (t.pixel_weight == 0 and not cfg.model.loss_predictor
+                                 and not cfg.model.feature_head and t.distill_weight > 0
+                                 and d.student == 'encoder'),
+           'model.decoder=False leaves an encoder only: set targets.pixel_weight=0, no '
+           "loss predictor or feature head, and targets.distill_weight > 0 with distill.student='encoder'.")
+  if teach.kind == 'ema':
+    _require(not t.distill_weight, f'targets.distill_weight={t.distill_weight} distills a frozen '
+             "teacher: set teacher.kind='frozen' and teacher.weights=PATH.")
+    return
+  from mim import masking
+  _require(t.distill_weight > 0, "teacher.kind='frozen' serves the distillation term: set "
+           'targets.distill_weight > 0 (and the distill section).')
+  _require(bool(teach.weights), "teacher.kind='frozen' needs teacher.weights=PATH (a workdir, "
+           'checkpoint, .safetensors, .npz, .pth or Hugging Face directory).')
+  _require(not masking.get_strategy(cfg.masking.name).needs and not t.feature_weight,
+           f"teacher.kind='frozen' gives distillation targets only; masking.name="
+           f"{cfg.masking.name!r} and targets.feature_weight need teacher.kind='ema'.")
+  m = teach.model
+  _require(m.variant in ('', 'Ti', 'S', 'B', 'L', 'H'),
+           f"teacher.model.variant={m.variant!r} is not a ViT preset; use Ti, S, B, L, H or ''.")
+  _require(m.patch_size > 0 and m.image_size > 0 and m.image_size % m.patch_size == 0,
+           f'teacher.model.patch_size={m.patch_size} must divide teacher.model.image_size={m.image_size}.')
+  from mim import teacher as teacher_lib
+  frozen = teacher_lib.frozen_teacher(cfg)
+  ts = frozen.spec
+  _require(ts.width > 0 and ts.num_heads > 0 and ts.width % ts.num_heads == 0 and ts.width % 4 == 0,
+           f'teacher.model width {ts.width} must be a positive multiple of its num_heads '
+           f'{ts.num_heads} and of 4.')
+  _require(0 <= teach.blocks <= ts.depth,
+           f'teacher.blocks={teach.blocks} must be in [0, {ts.depth}] (0 = all of teacher.model).')
+  for name, layers, depth, runs in (('teacher_layers', d.teacher_layers, ts.depth, frozen.blocks),
+                                    ('student_layers', d.student_layers, spec.depth, spec.depth)):
+    _require(len(layers) >= 1, f'distill.{name} must name at least one block.')
+    for i in layers:
+      _require(-depth <= i < depth and i % depth < runs,
+               f'distill.{name} has block {i}, but blocks 0..{runs - 1} run (or -{depth}..-1 from '
+               f'the end of {depth})' + (f' with teacher.blocks={teach.blocks}' if runs < depth else '') + '.')
+  if ts.image_size != spec.image_size or ts.grid != spec.grid:
+    _require(teach.resample,
+             f'The teacher sees {ts.image_size} px in a {ts.grid[0]}x{ts.grid[1]} grid (teacher.model), '
+             f'the student {spec.image_size} px in {spec.grid[0]}x{spec.grid[1]}: set '
+             "teacher.resample=True to resize the images to the teacher's size and its tokens to "
+             "the student's grid, or make teacher.model match.")
+  _require(d.student in ('encoder', 'decoder'),
+           f"distill.student={d.student!r} must be 'encoder' or 'decoder'.")
+  _require(d.student == 'encoder' or cfg.model.decoder,
+           "distill.student='decoder' needs model.decoder=True.")
+  _require(d.tokens == 'visible' if d.student == 'encoder' else d.tokens in ('all', 'masked'),
+           f"distill.tokens={d.tokens!r}: the encoder sees the visible tokens ('visible'); the "
+           "decoder's are 'all' or 'masked'.")
+  _require(d.head in ('linear', 'mlp'), f"distill.head={d.head!r} must be 'linear' or 'mlp'.")
+  _require(d.head_hidden >= 0, f'distill.head_hidden={d.head_hidden} must be >= 0.')
+  num_students = len(d.student_layers) if d.student == 'encoder' else 1
+  _require(d.align in ('direct', 'dynamic'), f"distill.align={d.align!r} must be 'direct' or 'dynamic'.")
+  _require(d.align == 'dynamic' or num_students in (1, len(d.teacher_layers)),
+           f"distill.align='direct' pairs layers: give one student layer or as many as "
+           f'teacher_layers ({len(d.teacher_layers)}), not {num_students}.')
+  _require(d.align == 'direct' or (d.student == 'encoder' and num_students >= len(d.teacher_layers)),
+           "distill.align='dynamic' mixes encoder layers: distill.student='encoder' with at "
+           'least as many student_layers as teacher_layers.')
+  _require(d.normalize in ('target_layer_norm', 'l2', 'none'),
+           f"distill.normalize={d.normalize!r} must be 'target_layer_norm', 'l2' or 'none'.")
+  _require(d.loss in ('smooth_l1', 'mse', 'l1', 'cosine'),
+           f"distill.loss={d.loss!r} must be 'smooth_l1', 'mse', 'l1' or 'cosine'.")
+  _require(d.beta > 0, f'distill.beta={d.beta} must be positive.')
+  _require(not d.morph or d.tokens == 'all',
+           "distill.morph=True morphs every token: needs distill.student='decoder', tokens='all'.")
+  _require(d.morph_branches >= 1 and d.morph_max_steps >= 1
+           and 0 <= d.morph_max_tokens <= spec.num_patches,
+           f'distill.morph_branches and morph_max_steps must be >= 1 and morph_max_tokens in '
+           f'[0, {spec.num_patches}].')
 
 
 def _validate_eval(e: ml_collections.ConfigDict, p: ml_collections.ConfigDict) -> None:

@@ -37,18 +37,46 @@ def _loss_predictor(spec: ModelSpec) -> float:
           + 2 * (1 + n) * spec.decoder_width * spec.patch_dim)
 
 
+def _distill_heads(spec: ModelSpec, num_keep: int) -> float:
+  """The student's distillation heads (and MaskAlign's layer mixing) on their tokens."""
+  d = spec.distill
+  tokens, width = ((num_keep, spec.width) if d.source == 'encoder'
+                   else (spec.num_patches, spec.decoder_width))
+  head = (2 * tokens * (width * d.hidden + d.hidden * d.width) if d.head == 'mlp'
+          else 2 * tokens * width * d.width)
+  mix = 2 * tokens * width * len(d.taps) if d.align == 'dynamic' else 0
+  return d.outputs * (head + mix)
+
+
+def frozen_teacher_flops(frozen, student_patches: int) -> float:
+  """A frozen teacher's pass (mim/teacher.Frozen): the patch embedding and the blocks that run,
+  on all its patches, + DTM's token matching (cosine scores of A x B tokens per ToMe step)."""
+  t, n = frozen.spec, frozen.spec.num_patches
+  matching = frozen.morph_steps * 2 * ((student_patches + 1) // 2) * (student_patches // 2) * t.width
+  return (2 * n * t.patch_dim * t.width + transformer_flops(1 + n, t.width, frozen.blocks, t.mlp_dim)
+          + matching)
+
+
 def train_flops_per_image(spec: ModelSpec, num_keep: int,
-                          teacher_signals: tuple[str, ...] = ()) -> float:
-  """The train step: 3x the student's forward (MAE + the loss predictor and feature head when
-  the spec has them) + 1x the teacher pass (all patches; + the loss predictor for HPM)."""
+                          teacher_signals: tuple[str, ...] = (), frozen=None) -> float:
+  """The train step: 3x the student's forward (MAE + the loss predictor, feature head and
+  distillation heads when the spec has them; no decoder without one) + 1x the teacher pass
+  (all patches; + the loss predictor for HPM; a `frozen` teacher's own blocks)."""
   n = spec.num_patches
   student = mae_forward_flops(spec, num_keep)
+  if not spec.decoder:
+    student = 2 * n * spec.patch_dim * spec.width + transformer_flops(
+        1 + num_keep, spec.width, spec.depth, spec.mlp_dim)
   if spec.loss_predictor:
     student += _loss_predictor(spec)
   if spec.feature_head:
     student += 2 * n * spec.decoder_width * spec.width
+  if spec.distill:
+    student += _distill_heads(spec, num_keep)
   teacher = 0.0
-  if teacher_signals:
+  if frozen is not None:
+    teacher = frozen_teacher_flops(frozen, n)
+  elif teacher_signals:
     teacher = 2 * n * spec.patch_dim * spec.width + transformer_flops(1 + n, spec.width, spec.depth,
                                                                  spec.mlp_dim)
     if 'predicted_loss' in teacher_signals:

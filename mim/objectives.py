@@ -1,7 +1,9 @@
-"""Targets and losses: norm-pix MSE, HPM's loss ranking, EMA-teacher feature regression."""
+"""Targets and losses: norm-pix MSE, HPM's loss ranking, EMA-teacher feature regression,
+frozen-teacher distillation (with DTM's token morphing)."""
 import jax
 import jax.numpy as jnp
 
+from mim import morphing
 from mim import patches as patches_lib
 
 NORM_PIX_EPS = 1e-6
@@ -53,12 +55,7 @@ def feature_term(pred: jax.Array, target: jax.Array, mask: jax.Array, *, kind: s
                  beta: float) -> tuple[jax.Array, jax.Array]:
   """Smooth-L1 (torch's, with `beta`) or MSE per element, averaged over channels per patch,
   summed over masked patches; and the masked count."""
-  d = pred - target
-  if kind == 'smooth_l1':
-    per_element = jnp.where(jnp.abs(d) < beta, 0.5 * jnp.square(d) / beta, jnp.abs(d) - 0.5 * beta)
-  else:
-    per_element = jnp.square(d)
-  return jnp.sum(per_element.mean(axis=-1) * mask), jnp.sum(mask)
+  return jnp.sum(token_losses(pred, target, kind, beta) * mask), jnp.sum(mask)
 
 
 def loss_rank_term(pred: jax.Array, losses: jax.Array, mask: jax.Array
@@ -75,17 +72,67 @@ def loss_rank_term(pred: jax.Array, losses: jax.Array, mask: jax.Array
   return num, jnp.sum(pos + neg)
 
 
-def terms(targets_cfg, outputs: dict, images: jax.Array, mask: jax.Array,
-          signals: dict, *, patch_size: int) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """{name: (numerator, denominator)} of every term with a positive weight."""
-  num, den, per_patch = pixel_term(outputs['pixels'], images, mask, patch_size=patch_size,
-                                   norm_pix=targets_cfg.norm_pix)
-  out = {'pixel': (num, den)}
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # torch F.normalize
+
+
+def normalize_targets(feats: jax.Array, how: str) -> jax.Array:
+  """The teacher's features before the distillation loss (`distill.normalize`)."""
+  if how == 'target_layer_norm':
+    return layer_norm_noaffine(feats)
+  return _l2_normalize(feats) if how == 'l2' else feats
+
+
+def token_losses(pred: jax.Array, target: jax.Array, kind: str, beta: float) -> jax.Array:
+  """Per-token loss (the channel mean of smooth-L1 / MSE / L1, or 1 - cosine) over the last axis."""
+  if kind == 'cosine':
+    return 1 - jnp.sum(_l2_normalize(pred) * _l2_normalize(target), axis=-1)
+  d = pred - target
+  if kind == 'smooth_l1':
+    per_element = jnp.where(jnp.abs(d) < beta, 0.5 * jnp.square(d) / beta, jnp.abs(d) - 0.5 * beta)
+  else:
+    per_element = jnp.square(d) if kind == 'mse' else jnp.abs(d)
+  return per_element.mean(axis=-1)
+
+
+def distill_term(distill_cfg, pred: jax.Array, targets: jax.Array, ids_keep: jax.Array,
+                 mask: jax.Array, groups: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Student predictions (B, T, N, D) against the teacher's (B, T, L, D) on the same patches:
+  the visible ones (N = K, gathered by ids_keep), all, or only the masked ones (weighted by
+  `mask`). With DTM's groups (B, branches, L) both sides are first aggregated to their group
+  means, per branch. -> (sum of per-token losses, tokens x layers x branches)."""
+  d = distill_cfg
+  if d.tokens == 'visible':
+    targets = jnp.take_along_axis(targets, ids_keep[:, None, :, None], axis=2)
+    weight = jnp.ones(ids_keep.shape, pred.dtype)
+  else:
+    weight = mask if d.tokens == 'masked' else jnp.ones(mask.shape, pred.dtype)
+  if d.normalize == 'l2':
+    pred = _l2_normalize(pred)
+  pairs = [(pred, targets)] if groups is None else [
+      (morphing.aggregate(pred, g), morphing.aggregate(targets, g))
+      for g in jnp.moveaxis(groups, 1, 0)]
+  num = sum(jnp.sum(token_losses(p, t, d.loss, d.beta) * weight[:, None]) for p, t in pairs)
+  return num, jnp.sum(weight) * pred.shape[1] * len(pairs)
+
+
+def terms(cfg, outputs: dict, images: jax.Array, mask, signals: dict, *, patch_size: int
+          ) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{name: (numerator, denominator)} of every term with a positive weight; `mask` is the
+  step's masking.Mask."""
+  targets_cfg, out = cfg.targets, {}
+  if 'pixels' in outputs:
+    num, den, per_patch = pixel_term(outputs['pixels'], images, mask.mask, patch_size=patch_size,
+                                     norm_pix=targets_cfg.norm_pix)
+    out['pixel'] = (num, den)
   if targets_cfg.loss_pred_weight > 0:
-    out['loss_pred'] = loss_rank_term(outputs['loss_pred'], per_patch, mask)
+    out['loss_pred'] = loss_rank_term(outputs['loss_pred'], per_patch, mask.mask)
   if targets_cfg.feature_weight > 0:
-    out['feature'] = feature_term(outputs['features'], signals['feature_targets'], mask,
+    out['feature'] = feature_term(outputs['features'], signals['feature_targets'], mask.mask,
                                   kind=targets_cfg.feature_loss, beta=targets_cfg.feature_beta)
+  if targets_cfg.distill_weight > 0:
+    out['distill'] = distill_term(cfg.distill, outputs['distill'], signals['distill_targets'],
+                                  mask.ids_keep, mask.mask, signals.get('morph_groups'))
   return out
 
 
@@ -97,7 +144,8 @@ def term_weights(targets_cfg, step: jax.Array, steps_per_epoch: int) -> dict[str
     epoch = jnp.floor(jnp.asarray(step, jnp.float32) / steps_per_epoch)
     feature = feature * jnp.minimum((epoch + 1) / targets_cfg.feature_ramp_epochs, 1.0)
   return {'pixel': jnp.asarray(targets_cfg.pixel_weight, jnp.float32),
-          'loss_pred': jnp.asarray(targets_cfg.loss_pred_weight, jnp.float32), 'feature': feature}
+          'loss_pred': jnp.asarray(targets_cfg.loss_pred_weight, jnp.float32), 'feature': feature,
+          'distill': jnp.asarray(targets_cfg.distill_weight, jnp.float32)}
 
 
 def total(term_values: dict, weights: dict) -> jax.Array:

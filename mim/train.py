@@ -61,15 +61,18 @@ class Parts(NamedTuple):
   total_steps: int
   steps_per_epoch: int
   teacher_signals: tuple[str, ...]           # what the teacher pass computes; () = no teacher
+  ema: bool                                  # an EMA teacher in the state
+  frozen: teacher_lib.Frozen | None          # a frozen teacher (its params: a step argument)
 
 
 def build_parts(cfg: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
                 steps_per_epoch: int = 1) -> Parts:
-  spec = mae.spec_from_config(cfg.model)
+  spec = mae.spec_for_run(cfg)
   schedule = optim.lr_schedule(cfg.optim, cfg.batch_size, total_steps, warmup_steps)
   return Parts(mae.MAE(spec), spec, masking.num_keep(spec.num_patches, cfg.masking.ratio),
                optim.make_optimizer(cfg.optim), schedule, total_steps, steps_per_epoch,
-               teacher_lib.needed_signals(cfg))
+               teacher_lib.needed_signals(cfg), teacher_lib.uses_ema(cfg),
+               teacher_lib.frozen_teacher(cfg))
 
 
 def schedule_lengths(cfg, num_train_examples: int) -> tuple[int, int, int]:
@@ -91,13 +94,21 @@ def _init_boxed_state(parts: Parts, rng: jax.Array) -> TrainState:
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=parts.tx.init(params),
                     skipped_examples=zero, nonfinite_updates=zero,
-                    params_ema=params if parts.teacher_signals else None)
+                    params_ema=params if parts.ema else None)
 
 
 def state_shardings(parts: Parts, mesh: Mesh) -> tuple[TrainState, Any]:
   """(abstract state carrying its shardings, the shardings) from the modules' logical axes.
   Call inside `sharding.use_mesh(mesh)`."""
   boxed = jax.eval_shape(functools.partial(_init_boxed_state, parts), jax.random.key(0))
+  shardings = sharding.logical_to_shardings(mesh, boxed)
+  return ckpt_lib.abstract_with_shardings(sharding.strip_boxes(boxed), shardings), shardings
+
+
+def frozen_shardings(parts: Parts, mesh: Mesh) -> tuple[Any, Any]:
+  """(abstract frozen-teacher params carrying their shardings, the shardings): placed by the
+  same logical axes as the student's (FSDP on a pod). Call inside `sharding.use_mesh(mesh)`."""
+  boxed = teacher_lib.abstract_frozen(parts.frozen)
   shardings = sharding.logical_to_shardings(mesh, boxed)
   return ckpt_lib.abstract_with_shardings(sharding.strip_boxes(boxed), shardings), shardings
 
@@ -140,8 +151,7 @@ def make_train_step(cfg, parts: Parts):
                           mask.ids_restore)
     outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}  # the loss in float32
     with jax.named_scope('loss'):  # named scopes group the step's ops in bench/step_profile.py
-      terms = objectives.terms(cfg.targets, outputs, images, mask.mask, signals,
-                               patch_size=spec.patch_size)
+      terms = objectives.terms(cfg, outputs, images, mask, signals, patch_size=spec.patch_size)
     return objectives.total(terms, weights), terms
 
   def loss_and_grads(params, images, mask, signals, weights):
@@ -168,12 +178,13 @@ def make_train_step(cfg, parts: Parts):
     (loss, terms, grads), _ = jax.lax.scan(micro_step, zeros, xs)
     return loss / accum, terms, jax.tree.map(lambda g: g / accum, grads)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], frozen_params=None):
     images = batch['image']
     rng = jax.random.fold_in(base_key, state.step)
-    # One teacher pass serves every consumer (masking signals and feature targets).
+    # One teacher pass serves every consumer (masking signals, feature and distillation targets).
     with jax.named_scope('teacher'):
-      signals = teacher_pass(teacher_lib.teacher_params(state), images)   # {} without a teacher
+      signals = teacher_pass(teacher_lib.teacher_params(state, frozen_params), images,
+                             jax.random.fold_in(rng, 1))   # {} without a teacher
     with jax.named_scope('masking'):
       mask = masker(jax.random.fold_in(rng, 0), images.shape[0], state.step, signals)
     weights = objectives.term_weights(cfg.targets, state.step, parts.steps_per_epoch)
@@ -204,17 +215,19 @@ def make_train_step(cfg, parts: Parts):
     metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, finite=finite)
     if len(terms) > 1 or parts.teacher_signals:
       metrics.update({f'{k}_loss': num / jnp.maximum(den, 1) for k, (num, den) in terms.items()})
-    if parts.teacher_signals:
+    if parts.ema:
       metrics['ema_momentum'] = tau
     return new_state, metrics
 
   return train_step
 
 
-def jit_train_step(cfg, parts: Parts, mesh: Mesh, shardings):
-  """The step jitted with explicit shardings and the state donated."""
+def jit_train_step(cfg, parts: Parts, mesh: Mesh, shardings, teacher_shardings=None):
+  """The step jitted with explicit shardings and the state donated; with a frozen teacher it
+  takes the teacher's params (placed by `teacher_shardings`) as a third argument."""
+  frozen = (teacher_shardings,) if parts.frozen else ()
   return jax.jit(make_train_step(cfg, parts),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)) + frozen,
                  out_shardings=(shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
@@ -224,7 +237,8 @@ def make_predict_fn(cfg, parts: Parts):
   model, spec = parts.model, parts.spec
   masker = masking.make_masker(cfg.masking, spec.grid, parts.total_steps,
                                steps_per_epoch=parts.steps_per_epoch)
-  teacher_pass = teacher_lib.make_teacher_pass(cfg, model)  # the model as its own teacher here
+  # The model as its own teacher here (an EMA teacher's signals only steer the masking).
+  teacher_pass = teacher_lib.make_teacher_pass(cfg, model) if parts.ema else lambda *_: {}
 
   def predict(params, images):
     mask = masker(jax.random.key(cfg.seed + 1), images.shape[0], signals=teacher_pass(params, images))
@@ -244,7 +258,7 @@ def initial_state(cfg, parts: Parts, shardings, abstract_state, make_data_iter):
   if not cfg.init_from_state:
     params = params_from(cfg, state.params, shardings.params)
     # A teacher starts as a copy of the loaded params (e.g. HPM continuing an MAE run).
-    return state.replace(params=params, params_ema=params if parts.teacher_signals else None
+    return state.replace(params=params, params_ema=params if parts.ema else None
                          ), make_data_iter(0)
   from mim.interop import ours
   step_dir = ours.find_step_dir(cfg.init_from)
@@ -288,6 +302,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   total_steps, warmup_steps, steps_per_epoch = schedule_lengths(cfg, num_train)
   parts = build_parts(cfg, total_steps, warmup_steps, steps_per_epoch)
   spec = parts.spec
+  if parts.frozen:  # recorded in config.json and every checkpoint's config
+    cfg.teacher.weights_sha256 = teacher_lib.resolve_digest(cfg)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
 
@@ -305,6 +321,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
 
     mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), cfg.max_to_keep,
                             cfg.keep_every_steps)
+    teacher_args, teacher_shardings = (), None   # the frozen teacher: read once, never saved
+    if parts.frozen:
+      if mngr.latest_step() is not None:  # a changed teacher file stops the resume
+        teacher_lib.check_weights_unchanged(cfg, ckpt_lib.read_saved_config(
+            os.path.join(str(mngr.directory), str(mngr.latest_step()))))
+      _, teacher_shardings = frozen_shardings(parts, mesh)
+      teacher_args = (jax.device_put(teacher_lib.load_frozen(cfg, parts.frozen), teacher_shardings),)
     latest, state, train_iter, iter_restored = ckpt_lib.restore_latest(
         mngr, abstract_state, make_data_iter, config=cfg.to_dict())
     if is_main:  # only once the checkpoints are known to fit (export and init_from read it)
@@ -320,7 +343,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
 
     # -------------------------------------------------------------- step functions
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jit_train_step(cfg, parts, mesh, shardings)
+    train_step = jit_train_step(cfg, parts, mesh, shardings, teacher_shardings)
     # Every process runs the evaluation computations (SPMD); only process 0 writes files.
     predict = jax.jit(make_predict_fn(cfg, parts), out_shardings=sharding.replicated(mesh))
     probe = online.OnlineProbe(cfg, parts.model, mesh, total_steps)  # kNN + ridge, eval.every_steps
@@ -329,7 +352,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
                                              max_examples=cfg.eval.num_reconstructions)
 
     def save_reconstructions(step: int):
-      if not len(vis_images):
+      if not len(vis_images) or not spec.decoder:
         return
       pred, mask = predict(state.params, vis_images)
       if not is_main:
@@ -367,7 +390,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
     # -------------------------------------------------------------- loop
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=latest)
     flops_per_step = flops_lib.train_flops_per_image(
-        spec, parts.keep, parts.teacher_signals) * cfg.batch_size
+        spec, parts.keep, parts.teacher_signals, parts.frozen) * cfg.batch_size
     peak = flops_lib.total_peak_flops(jax.devices(), spec.dtype, cfg.peak_tflops_per_device)
     pending: list = []
     t_last, step_last, t_start = time.perf_counter(), start_step, time.perf_counter()
@@ -386,7 +409,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
         if batch['image'].shape[0] != cfg.batch_size:
           raise data_lib.DataError(f'The global batch has {batch["image"].shape[0]} examples, '
                                    f'not batch_size={cfg.batch_size}: processes read unequal shards.')
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, *teacher_args)
         pending.append((step, step_metrics))
         log_now = step % cfg.log_every_steps == 0 or step == total_steps or probe.due(step)
         save_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps

@@ -181,7 +181,7 @@ def test_teacher_pass_attention_and_no_gradient_to_the_teacher():
     s = teacher_pass(params_ema, images)
     mask = masking.make_masker(cfg.masking, parts.spec.grid, 10)(jax.random.key(0), 4, 0, s)
     out = parts.model.apply({'params': params}, images, mask.ids_keep, mask.ids_restore)
-    terms = objectives.terms(cfg.targets, out, images, mask.mask, s, patch_size=4)
+    terms = objectives.terms(cfg, out, images, mask, s, patch_size=4)
     return objectives.total(terms, objectives.term_weights(cfg.targets, 0, 1))
 
   grads = jax.grad(student_loss)(params)

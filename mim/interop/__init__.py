@@ -44,12 +44,13 @@ HF_CONFIG = 'config.json'
 __all__ = ['FORMATS', 'InteropError', 'check_compatible', 'export', 'load', 'mae_forward', 'save']
 
 
-def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None
-         ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None,
+         encoder_only: bool = False) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """Reads weights in any supported format (detected) -> (config, params as numpy float32).
 
   `model_config` (a `config.model`) supplies head counts for layers as wide as its own when the
   file does not store them (only HF and our files do); the standard ViT widths need none.
+  `encoder_only` ignores a file's decoder (a frozen teacher needs none of its head counts).
   """
   if os.path.isdir(path):
     step_dir = ours.find_step_dir(path)
@@ -58,14 +59,15 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None
       check_compatible(params, torch_layout.abstract_params(mae.spec_from_config(cfg.model)))
       return cfg, params
     if os.path.exists(os.path.join(path, HF_WEIGHTS)):
-      return _load_file(os.path.join(path, HF_WEIGHTS), model_config)
+      return _load_file(os.path.join(path, HF_WEIGHTS), model_config, encoder_only)
     raise files.not_recognized(path, f'a directory with neither checkpoints nor {HF_WEIGHTS}')
   if not os.path.exists(path):
     raise InteropError(f'{path} does not exist.')
-  return _load_file(path, model_config)
+  return _load_file(path, model_config, encoder_only)
 
 
-def _load_file(path: str, model_config) -> tuple[ml_collections.ConfigDict, dict]:
+def _load_file(path: str, model_config, encoder_only: bool = False
+               ) -> tuple[ml_collections.ConfigDict, dict]:
   tensors = files.read_tensors(path)
   kind = files.classify(tensors, path)
   cfg = config_lib.default_config()
@@ -84,6 +86,8 @@ def _load_file(path: str, model_config) -> tuple[ml_collections.ConfigDict, dict
         cfg.targets.norm_pix = bool(extra['norm_pix'])
       if extra['mask_ratio'] is not None:
         cfg.masking.ratio = float(extra['mask_ratio'])
+  if encoder_only:  # the official decoder's tensors: decoder_* and the mask token
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(('decoder', 'mask_token'))}
   hint = mae.spec_from_config(model_config) if model_config is not None else None
   model, with_decoder = torch_layout.infer_model(tensors, hint, stored_heads)
   cfg.model.update(model)

@@ -31,6 +31,20 @@ VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillHeadSpec:
+  """The student's side of distillation (config `distill.*`, resolved): which features, which
+  heads, predicting `outputs` teacher layers of width `width`."""
+  source: str                # 'encoder': block outputs on the visible tokens | 'decoder': its output
+  taps: tuple[int, ...]      # encoder block indices (non-negative), for source='encoder'
+  final_norm: bool           # the last block's output after the encoder's final LayerNorm
+  outputs: int               # teacher layers predicted (T)
+  width: int                 # the teacher's width
+  head: str                  # 'linear' | 'mlp'
+  hidden: int                # mlp hidden width
+  align: str                 # 'direct' | 'dynamic' (MaskAlign's learnable layer weights)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Resolved architecture; built from the `config.model` section by `spec_from_config`."""
   image_size: int
@@ -47,6 +61,8 @@ class ModelSpec:
   loss_predictor: bool = False   # HPM's second decoder (per-patch loss predictions)
   feature_head: bool = False     # a head regressing teacher features (width D) from the decoder
   dtype: str = 'float32'         # compute dtype ('bfloat16': mixed precision, fp32 params)
+  decoder: bool = True           # False: an encoder only, no pixel output (MaskAlign)
+  distill: DistillHeadSpec | None = None   # heads predicting a frozen teacher's features
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -73,7 +89,27 @@ def spec_from_config(model_cfg) -> ModelSpec:
       decoder_heads=model_cfg.decoder_heads,
       decoder_mlp_dim=model_cfg.decoder_mlp_dim or 4 * model_cfg.decoder_width,
       remat=model_cfg.remat, loss_predictor=model_cfg.loss_predictor,
-      feature_head=model_cfg.feature_head, dtype=resolve_dtype(model_cfg.dtype))
+      feature_head=model_cfg.feature_head, dtype=resolve_dtype(model_cfg.dtype),
+      decoder=model_cfg.decoder)
+
+
+def block_indices(layers, depth: int) -> tuple[int, ...]:
+  """Block indices as given in a config (0-based, negative from the end) -> non-negative."""
+  return tuple(i % depth if -depth <= i < depth else i for i in layers)
+
+
+def spec_for_run(cfg) -> ModelSpec:
+  """The student's spec for a full config: `model.*` plus the distillation heads (the frozen
+  teacher's width from `teacher.model.*`) when targets.distill_weight > 0."""
+  spec = spec_from_config(cfg.model)
+  if not cfg.targets.distill_weight:
+    return spec
+  d = cfg.distill
+  teacher_width = cfg.teacher.model.width or VARIANTS.get(cfg.teacher.model.variant, (0,))[0]
+  return dataclasses.replace(spec, distill=DistillHeadSpec(
+      source=d.student, taps=block_indices(d.student_layers, spec.depth) if d.student == 'encoder'
+      else (), final_norm=d.final_norm, outputs=len(d.teacher_layers), width=teacher_width,
+      head=d.head, hidden=d.head_hidden or teacher_width, align=d.align))
 
 
 def example_inputs(spec: ModelSpec, keep: int = 1, batch: int = 1):
@@ -172,14 +208,49 @@ class LossPredictor(nn.Module):
     return _dense(self.out_dim, 'pred')(x)[:, 1:].mean(axis=-1)
 
 
+class DistillHead(nn.Module):
+  """Student features [(B, N, D_s)] -> (B, T, N, D_t) predictions of T teacher layers: one
+  linear or MLP head per teacher layer, on the matching student layer ('direct'; one student
+  layer feeds every head), or on a learnable mix of all student layers ('dynamic': MaskAlign's
+  Dynamic Alignment, weights W (T, S) initialized to 0.01 + 1 where teacher layer t meets the
+  student layer as deep (the last T of S), no softmax, no weight decay)."""
+  spec: DistillHeadSpec
+
+  @nn.compact
+  def __call__(self, features: list[jax.Array]) -> jax.Array:
+    s, num = self.spec, len(features)
+    if s.align == 'dynamic':
+      init = lambda key, shape, dtype=jnp.float32: 0.01 + jnp.eye(shape[0], shape[1], shape[1] - shape[0],
+                                                                   dtype=dtype)
+      w = self.param('align_weights', vit._logical(init, (None, None)), (s.outputs, num))
+      stacked = jnp.stack(features)
+      inputs = [jnp.einsum('s,sbnd->bnd', w[t].astype(stacked.dtype), stacked)
+                for t in range(s.outputs)]
+    else:
+      inputs = features if num == s.outputs else features * s.outputs
+    preds = []
+    for t, x in enumerate(inputs):
+      if s.head == 'mlp':
+        x = vit.gelu(_dense(s.hidden, f'head_{t}_hidden', 'mlp')(x))
+        x = nn.Dense(s.width, name=f'head_{t}', bias_init=nn.initializers.zeros,
+                     kernel_init=vit._logical(vit.XAVIER, ('mlp', None)))(x)
+      else:
+        x = _dense(s.width, f'head_{t}')(x)
+      preds.append(x)
+    return jnp.stack(preds, axis=1)
+
+
 class MAE(nn.Module):
   spec: ModelSpec
 
   def setup(self):
     s = self.spec
     self.encoder = vit.Encoder(s.patch_size, s.width, s.depth, s.num_heads, s.mlp_dim, s.remat)
-    self.decoder = Decoder(s.decoder_width, s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
-                           s.patch_dim, s.remat)
+    if s.decoder:
+      self.decoder = Decoder(s.decoder_width, s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
+                             s.patch_dim, s.remat)
+    if s.distill:
+      self.distill_head = DistillHead(s.distill)
     if s.loss_predictor:
       self.loss_predictor = LossPredictor(s.decoder_depth, s.decoder_heads, s.decoder_mlp_dim,
                                           s.patch_dim, s.remat)
@@ -188,15 +259,26 @@ class MAE(nn.Module):
 
   def __call__(self, images: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array
                ) -> dict[str, jax.Array]:
-    """Normalized images (B,H,W,3) -> {'pixels': (B, L, p*p*3) in patchify order, and with the
-    heads 'loss_pred' (B, L), 'features' (B, L, D)}."""
-    x = self.decoder.tokens(self.encoder(images, ids_keep), ids_restore)
-    hidden, pixels = self.decoder(x)
-    out = {'pixels': pixels}
-    if self.spec.loss_predictor:
+    """Normalized images (B,H,W,3) -> {'pixels': (B, L, p*p*3) in patchify order (with the
+    decoder), and with the heads 'loss_pred' (B, L), 'features' (B, L, D), 'distill' (B, T, N,
+    D_t) on the visible (N = K) or all (N = L) patches}."""
+    s = self.spec
+    taps = s.distill.taps if s.distill and s.distill.source == 'encoder' else ()
+    tokens = self.encoder(images, ids_keep, taps, s.distill.final_norm if s.distill else True)
+    tokens, tapped = tokens if taps else (tokens, [])
+    out = {}
+    if taps:
+      out['distill'] = self.distill_head([t[:, 1:] for t in tapped])
+    if not s.decoder:
+      return out
+    x = self.decoder.tokens(tokens, ids_restore)
+    hidden, out['pixels'] = self.decoder(x)
+    if s.loss_predictor:
       out['loss_pred'] = self.loss_predictor(x)
-    if self.spec.feature_head:
+    if s.feature_head:
       out['features'] = self.feature_head(hidden[:, 1:])
+    if s.distill and s.distill.source == 'decoder':
+      out['distill'] = self.distill_head([hidden[:, 1:]])
     return out
 
   def encode(self, images: jax.Array, ids_keep=None) -> jax.Array:

@@ -220,12 +220,19 @@ class Transformer(nn.Module):
   final_norm: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, taps: tuple[int, ...] = (), tap_final_norm: bool = True):
+    """x -> the output; with `taps` (block indices), (the output, [those blocks' outputs]), the
+    last block's after the final LayerNorm (the encoder's output) if `tap_final_norm`."""
     block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+    outputs = {}
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
-      x = block(self.num_heads, self.mlp_dim, rate, name=f'{self.prefix}block_{i}')(x)
-    return _layer_norm(name=f'{self.prefix}_norm')(x) if self.final_norm else x
+      x = outputs[i] = block(self.num_heads, self.mlp_dim, rate, name=f'{self.prefix}block_{i}')(x)
+    if self.final_norm:
+      x = _layer_norm(name=f'{self.prefix}_norm')(x)
+      if tap_final_norm:
+        outputs[self.depth - 1] = x
+    return (x, [outputs[i] for i in taps]) if taps else x
 
 
 class PatchEmbedding(nn.Module):
@@ -265,7 +272,9 @@ class Encoder(nn.Module):
   final_norm: bool = True
 
   @nn.compact
-  def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None,
+               taps: tuple[int, ...] = (), tap_final_norm: bool = True):
+    """-> tokens; with `taps`, (tokens, [the tapped blocks' tokens]) (Transformer)."""
     b, h, w, c = images.shape
     p = self.patch_size
     grid = (h // p, w // p)
@@ -279,4 +288,4 @@ class Encoder(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return Transformer(self.depth, self.num_heads, self.mlp_dim, prefix='encoder',
                        remat=self.remat, drop_path=self.drop_path, final_norm=self.final_norm,
-                       name='Transformer')(x)
+                       name='Transformer')(x, taps, tap_final_norm)
