@@ -5,7 +5,9 @@
 Each method is its ViT-B/16 config's model and objective on the same batch (the real jitted
 step from mim/train.py, synthetic images): MAE, HPM (loss predictor + teacher pass over all
 patches with the loss predictor), data2vec-style feature targets (feature head + teacher
-encoder pass), AttMask (teacher encoder pass with the cls attention). Runs are interleaved, the
+encoder pass), AttMask (teacher encoder pass with the cls attention), and the frozen-teacher
+distillation methods MR-MAE, DMAE, MaskAlign, DTM (a randomly initialized teacher of the
+student's size; DMAE runs 3/4 of its blocks). Runs are interleaved, the
 median of several steps is kept, so the ratios are measured in one run on one machine.
 """
 import json
@@ -19,6 +21,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 
 from bench import train_step as step_bench  # noqa: E402
+from mim import config as config_lib  # noqa: E402
 from mim import flops as flops_lib  # noqa: E402
 
 flags.DEFINE_integer('rounds', 2, 'Interleaved rounds of timed steps per method.')
@@ -40,6 +43,12 @@ def method_configs(model: str) -> dict:
   attmask = step_bench.load_config(model)
   attmask.masking.name = 'attention'
   cfgs['attmask'] = attmask
+  for method in config_lib.DISTILL_METHODS:   # a frozen teacher of the student's own size
+    distill = step_bench.load_config(model)
+    distill.teacher.model.update({k: distill.model[k] for k in distill.teacher.model})
+    distill.teacher.weights = 'random'        # not read: the bench initializes the teacher
+    config_lib.add_distillation(distill, method)
+    cfgs[method] = distill
   return cfgs
 
 
@@ -53,7 +62,7 @@ def main(argv):
     compiled, state, batch, compile_s, parts = step_bench.compiled_step(cfg, FLAGS.batch)
     built[name] = dict(compiled=compiled, state=state, batch=batch, compile_s=compile_s,
                        gflop=flops_lib.train_flops_per_image(parts.spec, parts.keep,
-                                                             parts.teacher_signals)
+                                                             parts.teacher_signals, parts.frozen)
                        * FLAGS.batch / 1e9, times=[])
   for _ in range(FLAGS.rounds):
     for b in built.values():

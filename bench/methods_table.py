@@ -33,6 +33,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import cifar10  # noqa: E402
 from data import pipeline  # noqa: E402
 from mim import config as config_lib  # noqa: E402
 from mim import flops as flops_lib  # noqa: E402
@@ -44,8 +45,10 @@ from mim.evaluate import probe  # noqa: E402
 from mim.evaluate import run as eval_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ('mae', 'colormae', 'blockmask', 'radial', 'hpm', 'data2vec', 'attmask')
-LABELS = {'random_init': 'random init (no pretraining)', 'pixels': 'raw pixels (3072 values)'}
+METHODS = ('mae', 'colormae', 'blockmask', 'radial', 'hpm', 'data2vec', 'attmask',
+           *config_lib.DISTILL_METHODS)
+LABELS = {'random_init': 'random init (no pretraining)', 'pixels': 'raw pixels (3072 values)',
+          'teacher': 'MAE teacher (--teacher_epochs), distilled by the four below'}
 
 flags.DEFINE_string('out', 'workdirs/methods_table', 'Directory for the runs and the JSON.')
 flags.DEFINE_float('epochs', 3.0, 'Pretraining epochs of the 20k train images, every method.')
@@ -57,6 +60,8 @@ flags.DEFINE_integer('decoder_depth', 2, 'MAE decoder blocks.')
 flags.DEFINE_integer('batch', 128, 'Pretraining batch.')
 flags.DEFINE_list('methods', list(METHODS), 'Methods of configs/cifar10.py to pretrain.')
 flags.DEFINE_list('mae_seeds', ['0', '1'], 'Seeds of the MAE runs (>= 2 for a spread).')
+flags.DEFINE_float('teacher_epochs', 0.0, 'Epochs of the MAE teacher the distillation methods '
+                   'learn from (pretrained here, same ViT); 0 = 2x --epochs.')
 flags.DEFINE_float('linear_epochs', 90.0, 'Linear probe epochs (cached features).')
 flags.DEFINE_float('attentive_epochs', 10.0, 'Attentive probe epochs (cached tokens).')
 flags.DEFINE_bool('smoke', False, 'Tiny everything (ViT 32x2, 4 steps, 500 / 200 images, 2 probe '
@@ -70,7 +75,8 @@ def data_dir() -> str:
 
 
 def budget() -> dict:
-  b = dict(epochs=FLAGS.epochs, steps=0, batch=FLAGS.batch, width=FLAGS.width, depth=FLAGS.depth,
+  b = dict(epochs=FLAGS.epochs, teacher_epochs=FLAGS.teacher_epochs or 2 * FLAGS.epochs,
+           steps=0, batch=FLAGS.batch, width=FLAGS.width, depth=FLAGS.depth,
            heads=FLAGS.heads, decoder_width=FLAGS.decoder_width,
            decoder_depth=FLAGS.decoder_depth, linear_epochs=FLAGS.linear_epochs,
            attentive_epochs=FLAGS.attentive_epochs, max_train=0, max_test=0)
@@ -86,12 +92,22 @@ def model_overrides(b: dict) -> dict:
               decoder_heads=max(1, b['decoder_width'] // 32))
 
 
+def teacher_workdir() -> str:
+  return os.path.join(FLAGS.out, 'teacher')
+
+
 def pretrain_config(method: str, seed: int, b: dict):
-  c = config_lib.load(os.path.join(ROOT, 'configs/cifar10.py'), f'method={method}')
+  c = config_lib.load(os.path.join(ROOT, 'configs/cifar10.py'),
+                      f'method={"mae" if method == "teacher" else method}')
   c.model.update(model_overrides(b))
   c.data.data_dir = data_dir()
-  c.update(dict(seed=seed, batch_size=b['batch'], total_steps=b['steps'],
-                total_epochs=b['epochs'] or 1.0, reconstruction_every_steps=0))
+  steps, epochs = b['steps'], b['epochs'] or 1.0
+  if method == 'teacher':   # the same MAE, longer
+    steps, epochs = 2 * steps, b['teacher_epochs']
+  c.update(dict(seed=seed, batch_size=b['batch'], total_steps=steps, total_epochs=epochs,
+                reconstruction_every_steps=0))
+  if method in config_lib.DISTILL_METHODS:
+    cifar10.add_teacher(c, method, teacher_workdir())
   c.eval.knn = False   # evaluated below, on the same features for every protocol
   if method == 'data2vec':   # half the blocks, as configs/cifar10.py's 3 of 6
     c.targets.feature_top_k = max(1, b['depth'] // 2)
@@ -105,13 +121,19 @@ def pretrain_config(method: str, seed: int, b: dict):
 
 def pretrain_command(method: str, seed: int, workdir: str, b: dict) -> str:
   m = model_overrides(b)
-  args = [f'--config=configs/cifar10.py:method={method}', f'--workdir={workdir}',
+  c = pretrain_config(method, seed, b)
+  args = [f'--config=configs/cifar10.py:method={"mae" if method == "teacher" else method}',
+          f'--workdir={workdir}',
           f'--config.data.data_dir={data_dir()}', f'--config.seed={seed}',
           f'--config.batch_size={b["batch"]}', '--config.eval.knn=False',
           '--config.reconstruction_every_steps=0']
-  args += ([f'--config.total_steps={b["steps"]}'] if b['steps'] else
-           ['--config.total_steps=0', f'--config.total_epochs={b["epochs"]:g}'])
+  args += ([f'--config.total_steps={c.total_steps}'] if c.total_steps else
+           ['--config.total_steps=0', f'--config.total_epochs={c.total_epochs:g}'])
   args += [f'--config.model.{k}={v}' for k, v in m.items()]
+  if method in config_lib.DISTILL_METHODS:   # the teacher and the layers for this depth
+    args += [f'--config.teacher.weights={c.teacher.weights}', f'--config.teacher.blocks={c.teacher.blocks}']
+    args += [f'--config.teacher.model.{k}={c.teacher.model[k]}' for k in m if k in c.teacher.model]
+    args += [f"--config.distill.{k}='{c.distill[k]}'" for k in ('student_layers', 'teacher_layers')]
   if method == 'data2vec':
     args.append(f'--config.targets.feature_top_k={max(1, b["depth"] // 2)}')
   if FLAGS.smoke:
@@ -282,6 +304,8 @@ def main(argv):
   b = budget()
   t_start = time.perf_counter()
   runs = [(f'mae_s{s}', 'mae', int(s)) for s in FLAGS.mae_seeds if 'mae' in FLAGS.methods]
+  if set(FLAGS.methods) & set(config_lib.DISTILL_METHODS):
+    runs.append(('teacher', 'teacher', 0))   # before its students
   runs += [(f'{m}_s0', m, 0) for m in FLAGS.methods if m != 'mae']
   rows = [run_one(name, method, seed, b) for name, method, seed in runs]
   rows += [run_one('random_init', None, 0, b), run_one('pixels', None, 0, b)]

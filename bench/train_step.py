@@ -17,12 +17,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from mim import flops as flops_lib  # noqa: E402
 from mim import host_memory  # noqa: E402
 from mim import config as config_lib  # noqa: E402
 from mim import sharding, train  # noqa: E402
+from mim import teacher as teacher_lib  # noqa: E402
 
 flags.DEFINE_enum('model', 'vitb16', ['vitb16', 'vitl16', 'demo', 'tiny32'], 'Which config to time.')
 flags.DEFINE_integer('batch', 8, 'Global batch size.')
@@ -73,10 +76,21 @@ def compiled_step(cfg, batch_size: int):
     state = train.init_state(parts, shardings, cfg.seed)
     images = jax.random.normal(jax.random.key(1), (batch_size, spec.image_size, spec.image_size, 3))
     batch = {'image': jax.device_put(images, sharding.batch_sharding(mesh))}
-    step_fn = train.jit_train_step(cfg, parts, mesh, shardings)
+    teacher, teacher_shardings = (), None
+    if parts.frozen:  # a randomly initialized frozen teacher: the same cost as a loaded one
+      _, teacher_shardings = train.frozen_shardings(parts, mesh)
+      size = parts.frozen.spec.image_size
+      init = lambda rng: teacher_lib.frozen_encoder(parts.frozen).init(
+          rng, jnp.zeros((1, size, size, 3)))['params']
+      teacher = (jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=teacher_shardings)(
+          jax.random.key(2)),)
+    step_fn = train.jit_train_step(cfg, parts, mesh, shardings, teacher_shardings)
     t = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-  return compiled, state, batch, time.perf_counter() - t, parts
+    compiled = step_fn.lower(state, batch, *teacher).compile()
+  compile_s = time.perf_counter() - t
+  if teacher:
+    return (lambda s, b: compiled(s, b, *teacher)), state, batch, compile_s, parts
+  return compiled, state, batch, compile_s, parts
 
 
 def time_steps(compiled, state, batch, steps: int) -> tuple[list[float], dict, object]:
@@ -102,7 +116,8 @@ def main(argv):
   xla_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
   times, metrics, _ = time_steps(compiled, state, batch, FLAGS.steps)
   sec = statistics.median(times)
-  gflop = flops_lib.train_flops_per_image(spec, parts.keep, parts.teacher_signals) * FLAGS.batch / 1e9
+  gflop = flops_lib.train_flops_per_image(spec, parts.keep, parts.teacher_signals,
+                                         parts.frozen) * FLAGS.batch / 1e9
   peak = matmul_peak_gflops()
   result = dict(
       model=FLAGS.model, batch=FLAGS.batch, device=jax.devices()[0].device_kind,

@@ -5,7 +5,8 @@ Command:
   python main.py --config=configs/cifar10.py:method=hpm --workdir=W   # pick the method by name
   methods: mae (random masking), colormae (green noise), blockmask (BEiT blocks), radial
   (sectors), hpm (hard patches mining), data2vec (EMA feature targets + pixels), attmask (masks
-  what the teacher attends to); bench/methods_table.py compares them on one budget.
+  what the teacher attends to); from a frozen teacher of this ViT (--config.teacher.weights=
+  MAE_WORKDIR): mrmae, dmae, maskalign, dtm; bench/methods_table.py compares them on one budget.
 Data: `images` (N,32,32,3) uint8 and `labels` in train_*.npz (train) and test.npz (held out).
 Model: ViT 192 wide x 6 blocks (3 heads), patch 4 (64 patches, 16 visible), decoder 128x2.
 Masking on the 8x8 grid (48 masked), scaled between the 14x14 defaults and the demo's 4x4:
@@ -20,7 +21,8 @@ Expected (measured 2026-11-23 on the 20k subset): loss 1.12 at step 50 -> 0.44 a
 from mim import config as config_lib
 
 MASKING = {'mae': 'random', 'colormae': 'colored_noise', 'blockmask': 'block', 'radial': 'radial',
-           'hpm': 'hard_patches', 'data2vec': 'random', 'attmask': 'attention'}
+           'hpm': 'hard_patches', 'data2vec': 'random', 'attmask': 'attention', 'mrmae': 'random',
+           'dmae': 'random', 'maskalign': 'random', 'dtm': 'block'}
 METHODS = tuple(MASKING)
 
 
@@ -47,5 +49,18 @@ def get_config(arg=None):
   c.masking.radial.num_sectors = 8
   c.teacher.update(dict(momentum=((0.0, 0.99), (2.0, 0.999)), momentum_unit='epochs'))
   config_lib.add_method_heads(c, method, feature_top_k=3)
+  if method in config_lib.DISTILL_METHODS:
+    add_teacher(c, method, weights='')
   c.eval.knn = True
   return c
+
+
+def add_teacher(c, method: str, weights: str) -> None:
+  """A frozen teacher with the student's ViT (e.g. a longer MAE run) and the method's layers,
+  which depend on the depths: call again after changing model.*."""
+  c.teacher.weights = weights
+  c.teacher.model.update({k: c.model[k] for k in c.teacher.model})
+  config_lib.add_distillation(c, method)
+  if method == 'dtm':  # DTM's BEiT block masking (40%) and its ToMe schedule on 64 patches
+    c.masking.ratio = 0.4
+    c.distill.morph_max_steps = 7

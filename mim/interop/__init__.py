@@ -56,7 +56,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None,
     step_dir = ours.find_step_dir(path)
     if step_dir:
       cfg, params = ours.load(step_dir)
-      check_compatible(params, torch_layout.abstract_params(mae.spec_from_config(cfg.model)))
+      check_compatible(params, torch_layout.abstract_params(mae.spec_for_run(cfg)))
       return cfg, params
     if os.path.exists(os.path.join(path, HF_WEIGHTS)):
       return _load_file(os.path.join(path, HF_WEIGHTS), model_config, encoder_only)
