@@ -66,6 +66,8 @@ def test_readme_commands_run_as_written(tmp_path):
       command = re.sub(r'(python main\.py[^&]*?)( &|$)',
                        lambda m: f'{m.group(1)} {" ".join(fast)}{m.group(2)}', command)
     command = re.sub(r'(--workdir|--config\.init_from)=W\b', rf'\1={trained}', command)
+    command = command.replace('--config.teacher.weights=workdirs/demo',   # the README's teacher
+                              f'--config.teacher.weights={trained}')
     command = command.replace('out/', f'{tmp_path}/out/').replace('29500', str(free_port()))
     out = run_shell(command)
     assert 'Traceback' not in out and 'leaked shared_memory' not in out, out[-3000:]
