@@ -87,7 +87,12 @@ def test_batch_must_divide_devices():
 def test_shipped_configs_validate():
   import pathlib
   for path in sorted(pathlib.Path(__file__).parent.parent.glob('configs/*.py')):
-    config_lib.validate(config_lib.load(str(path)))
+    cfg = config_lib.load(str(path))
+    if cfg.teacher.kind == 'frozen' and not cfg.teacher.weights:  # the user names the teacher
+      with pytest.raises(config_lib.ConfigError, match='needs teacher.weights=PATH'):
+        config_lib.validate(cfg)
+      cfg.teacher.weights = 'TEACHER'
+    config_lib.validate(cfg)
 
 
 def test_auto_dtype_is_bfloat16_on_accelerators_only(monkeypatch):
