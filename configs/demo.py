@@ -4,9 +4,9 @@ Command:
   python main.py --config=configs/demo.py --workdir=/tmp/mim_demo
   python main.py --config=configs/demo.py:method=mae --workdir=W   # pick the method by name
   methods: mae (random masking), colormae (green noise), colormae_red|colormae_blue|colormae_purple,
-  blockmask (BEiT blocks), radial (sectors); see the README, "Masking strategies";
+  blockmask (BEiT blocks), radial (sectors); see docs/masking.md;
   with an EMA teacher: hpm (hard patches mining), data2vec (EMA feature targets + pixels),
-  attmask (masks what the teacher attends to); see the README, "Teacher-driven methods";
+  attmask (masks what the teacher attends to); see docs/methods.md;
   distilled from a frozen teacher (the demo's own MAE run in workdirs/demo, trained first):
   mrmae, dmae, maskalign, dtm; see docs/distillation.md.
 Data: the 1797 8x8 digits shipped in scikit-learn (1437 train / 360 held out), upscaled to 32x32.
