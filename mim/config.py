@@ -268,19 +268,10 @@ def _require(ok: bool, msg: str):
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the key for anything wrong in `cfg`."""
   _check_keys(cfg, default_config(), '')
-  m = cfg.model
-  _require(m.variant in ('', 'Ti', 'S', 'B', 'L', 'H'),
-           f"model.variant={m.variant!r} is not a ViT preset; use Ti, S, B, L, H or '' with "
-           'model.width/depth/num_heads.')
-  _require(m.patch_size > 0 and m.image_size > 0 and m.image_size % m.patch_size == 0,
-           f'model.patch_size={m.patch_size} must divide model.image_size={m.image_size}.')
+  _validate_vit(cfg.model, 'model')
   from mim.models import mae  # local: keeps this module importable without flax
-  spec = mae.spec_from_config(m)
-  for name, width, heads in (('', spec.width, spec.num_heads),
-                             ('decoder_', spec.decoder_width, spec.decoder_heads)):
-    _require(width > 0 and heads > 0 and width % heads == 0,
-             f'model.{name}width={width} must be a positive multiple of model.{name or "num_"}heads={heads}.')
-    _require(width % 4 == 0, f'model.{name}width={width} must be divisible by 4 (2D sin-cos table).')
+  spec = mae.spec_from_config(cfg.model)
+  _validate_width('model.decoder_', spec.decoder_width, 'model.decoder_heads', spec.decoder_heads)
   _require(0.0 < cfg.masking.ratio < 1.0,
            f'masking.ratio={cfg.masking.ratio} must be in (0, 1), e.g. 0.75.')
   from mim import masking
@@ -316,6 +307,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(cfg.visualize.num_images > 0,
            f'visualize.num_images={cfg.visualize.num_images} must be positive.')
   _validate_finetune(cfg.finetune)
+
+
+def _validate_width(width_key: str, width: int, heads_key: str, heads: int) -> None:
+  _require(width > 0 and heads > 0 and width % heads == 0,
+           f'{width_key}width={width} must be a positive multiple of {heads_key}={heads}.')
+  _require(width % 4 == 0, f'{width_key}width={width} must be divisible by 4 (2D sin-cos table).')
+
+
+def _validate_vit(m: ml_collections.ConfigDict, key: str) -> None:
+  """A ViT section (`model`, `teacher.model`): preset, patch size, width and heads."""
+  _require(m.variant in ('', 'Ti', 'S', 'B', 'L', 'H'),
+           f"{key}.variant={m.variant!r} is not a ViT preset; use Ti, S, B, L, H or '' with "
+           f'{key}.width/depth/num_heads.')
+  _require(m.patch_size > 0 and m.image_size > 0 and m.image_size % m.patch_size == 0,
+           f'{key}.patch_size={m.patch_size} must divide {key}.image_size={m.image_size}.')
+  from mim.models import mae
+  width, _, heads = mae.VARIANTS[m.variant] if m.variant else (0, 0, 0)
+  _validate_width(f'{key}.', m.width or width, f'{key}.num_heads', m.num_heads or heads)
 
 
 def _validate_method(cfg: ml_collections.ConfigDict, spec) -> None:
@@ -375,17 +384,10 @@ def _validate_distill(cfg: ml_collections.ConfigDict, spec) -> None:
   _require(not masking.get_strategy(cfg.masking.name).needs and not t.feature_weight,
            f"teacher.kind='frozen' gives distillation targets only; masking.name="
            f"{cfg.masking.name!r} and targets.feature_weight need teacher.kind='ema'.")
-  m = teach.model
-  _require(m.variant in ('', 'Ti', 'S', 'B', 'L', 'H'),
-           f"teacher.model.variant={m.variant!r} is not a ViT preset; use Ti, S, B, L, H or ''.")
-  _require(m.patch_size > 0 and m.image_size > 0 and m.image_size % m.patch_size == 0,
-           f'teacher.model.patch_size={m.patch_size} must divide teacher.model.image_size={m.image_size}.')
+  _validate_vit(teach.model, 'teacher.model')
   from mim import teacher as teacher_lib
   frozen = teacher_lib.frozen_teacher(cfg)
   ts = frozen.spec
-  _require(ts.width > 0 and ts.num_heads > 0 and ts.width % ts.num_heads == 0 and ts.width % 4 == 0,
-           f'teacher.model width {ts.width} must be a positive multiple of its num_heads '
-           f'{ts.num_heads} and of 4.')
   _require(0 <= teach.blocks <= ts.depth,
            f'teacher.blocks={teach.blocks} must be in [0, {ts.depth}] (0 = all of teacher.model).')
   for name, layers, depth, runs in (('teacher_layers', d.teacher_layers, ts.depth, frozen.blocks),

@@ -24,6 +24,7 @@ import ml_collections
 from mim import masking
 from mim import morphing
 from mim import objectives
+from mim import sharding
 from mim.models import mae
 from mim.models import vit
 
@@ -60,7 +61,6 @@ class Frozen:
   layers: tuple[int, ...]     # the blocks whose outputs are the targets (non-negative)
   final_norm: bool            # the last block's output after the final LayerNorm (all blocks run)
   student_grid: tuple[int, int]
-  student_image: int
   morph_steps: int            # ToMe steps per image (branches x max steps); 0 = no morphing
 
 
@@ -83,7 +83,6 @@ def frozen_teacher(cfg: ml_collections.ConfigDict) -> Frozen | None:
   d = cfg.distill
   return Frozen(spec=spec, blocks=blocks, layers=mae.block_indices(d.teacher_layers, spec.depth),
                 final_norm=d.final_norm and blocks == spec.depth, student_grid=student.grid,
-                student_image=student.image_size,
                 morph_steps=d.morph_branches * d.morph_max_steps if d.morph else 0)
 
 
@@ -130,19 +129,14 @@ def load_frozen(cfg: ml_collections.ConfigDict, frozen: Frozen):
   try:
     _, params = interop.load(path, teacher_model_config(cfg), encoder_only=True)
     interop.check_compatible({'encoder': params['encoder']},
-                             {'encoder': _strip(abstract_frozen(frozen, full=True))})
+                             {'encoder': sharding.strip_boxes(abstract_frozen(frozen, full=True))})
   except interop.InteropError as e:
     raise TeacherError(f'teacher.weights={path!r} does not fit teacher.model: {e}') from None
   encoder = params['encoder']
-  keep = _strip(abstract_frozen(frozen))
+  keep = sharding.strip_boxes(abstract_frozen(frozen))
   return {'embedding': encoder['embedding'], 'cls': encoder['cls'],
           'Transformer': {k: v for k, v in encoder['Transformer'].items()
                           if k in keep['Transformer']}}
-
-
-def _strip(boxed):
-  from mim import sharding
-  return sharding.strip_boxes(boxed)
 
 
 def resolve_digest(cfg: ml_collections.ConfigDict) -> str:
