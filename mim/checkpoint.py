@@ -26,6 +26,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mim import paths
+
 TRANSIENT_RETRIES = 3
 # Config sections that shape the train state: listed first among the differing keys.
 STATE_SECTIONS = ('model', 'optim', 'targets', 'masking', 'teacher', 'loss_predictor', 'finetune')
@@ -41,9 +43,9 @@ class CheckpointMismatch(CheckpointError):
 
 def manager(directory: str, max_to_keep: int = 3, keep_every_steps: int = 0
             ) -> ocp.CheckpointManager:
-  """A manager for `directory` (Orbax needs it absolute); `keep_every_steps` > 0 also keeps
-  every step divisible by it, beyond the `max_to_keep` most recent."""
-  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+  """A manager for `directory` (local or gs://; Orbax needs it absolute); `keep_every_steps` > 0
+  also keeps every step divisible by it, beyond the `max_to_keep` most recent."""
+  return ocp.CheckpointManager(paths.absolute(directory), options=ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, keep_period=keep_every_steps or None,
       enable_async_checkpointing=True, create=True))
 
@@ -59,7 +61,7 @@ def has_iterator_state(mngr: ocp.CheckpointManager, step: int) -> bool:
   """Whether `step` holds a data-iterator state for this process layout (grain saves one file
   per process, so a checkpoint from another process count has none that fits)."""
   name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-  return os.path.exists(os.path.join(str(mngr.directory), str(step), 'data_iter', name))
+  return paths.exists(os.path.join(str(mngr.directory), str(step), 'data_iter', name))
 
 
 # ------------------------------------------------------------------ metadata and comparison
@@ -101,15 +103,14 @@ def read_state_metadata(step_dir: str) -> Any:
   """The saved state's tree of ArrayMetadata (no array is read)."""
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    return handler.metadata(epath.Path(os.path.abspath(os.path.join(step_dir, 'state')))).tree
+    return handler.metadata(epath.Path(paths.absolute(os.path.join(step_dir, 'state')))).tree
   finally:
     handler.close()
 
 
 def read_saved_config(step_dir: str) -> Optional[dict]:
   try:
-    with open(os.path.join(step_dir, 'config', 'metadata')) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(os.path.join(step_dir, 'config', 'metadata')))
   except (OSError, ValueError):
     return None
 
@@ -256,7 +257,7 @@ def restore_fitting(step_dir: str, abstract_state: Any, fresh_state: Any
   handler = ocp.PyTreeCheckpointHandler()
   try:
     restored = _retry(lambda: handler.restore(
-        epath.Path(os.path.abspath(os.path.join(step_dir, 'state'))),
+        epath.Path(paths.absolute(os.path.join(step_dir, 'state'))),
         args=ocp.args.PyTreeRestore(item=item,
                                     restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
   finally:
@@ -279,9 +280,9 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     for step in steps:
       path = os.path.join(str(mngr.directory), str(step))
       target, n = path + '.unreadable', 1
-      while os.path.exists(target):  # an earlier fallback already set this step aside
+      while paths.exists(target):  # an earlier fallback already set this step aside
         target, n = f'{path}.unreadable{n}', n + 1
-      os.replace(path, target)
+      paths.rename(path, target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('unreadable checkpoints set aside')
   mngr.reload()

@@ -1,15 +1,21 @@
-"""Scalar metric logging: a JSONL file plus TensorBoard event files in the workdir.
+"""Scalar metric logging: a JSONL file plus TensorBoard event files in the workdir (local or gs://).
 
-The TensorBoard side uses tensorboard's own event writer and protos, so no TensorFlow is needed.
+The TensorBoard side writes tensorboard's own record format and protos, so no TensorFlow is needed.
 """
+import itertools
 import json
 import math
 import os
+import socket
 import time
 
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from mim import paths
+
+_EVENT_FILES = itertools.count()  # two writers in one second of one process get distinct files
 
 
 class MetricWriter:
@@ -27,16 +33,21 @@ class MetricWriter:
     self._enabled = enabled
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None and os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)  # atomic: a crash here leaves the old or the new file
-    self._jsonl = open(path, "a")
-    self._events = EventFileWriter(workdir)
+    kept = paths.read_text(path).splitlines(keepends=True) if paths.exists(path) else []
+    if resume_step is not None:
+      kept = [line for line in kept if line.strip() and json.loads(line)["step"] <= resume_step]
+    self._jsonl = paths.AppendFile(path, "".join(kept).encode())
+    self._jsonl.flush()
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+            f"{next(_EVENT_FILES)}")
+    self._events = RecordWriter(paths.AppendFile(os.path.join(workdir, name)))
+    self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _add_event(self, event: event_pb2.Event) -> None:
+    self._events.write(event.SerializeToString())
+    self._events.flush()
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
@@ -44,12 +55,11 @@ class MetricWriter:
     step = int(step)
     values = {k: float(v) for k, v in metrics.items()}  # Also accepts numpy / jax scalars.
     record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+    self._jsonl.write((json.dumps(record, allow_nan=False) + "\n").encode())
     self._jsonl.flush()
     summary = summary_pb2.Summary(
         value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
-    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-    self._events.flush()
+    self._add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
   def __enter__(self) -> "MetricWriter":
     return self

@@ -24,6 +24,7 @@ import ml_collections
 from mim import masking
 from mim import morphing
 from mim import objectives
+from mim import paths
 from mim import sharding
 from mim.models import mae
 from mim.models import vit
@@ -106,16 +107,15 @@ def weights_digest(path: str) -> str:
   """sha256 over the files `path` stands for: our checkpoint step directory (the newest of a
   workdir), a Hugging Face directory's weights and config, or the file itself."""
   from mim.interop import ours  # local: the interop stack only for a frozen teacher
-  if os.path.isdir(path):
-    step_dir = ours.find_step_dir(path)
-    root = step_dir or path
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+  if paths.isdir(path):
+    root = ours.find_step_dir(path) or path
+    names = paths.files_under(root)
   else:
-    root, files = os.path.dirname(path), [path]
+    root, names = os.path.dirname(path), [os.path.basename(path)]
   digest = hashlib.sha256()
-  for name in files:
-    digest.update(os.path.relpath(name, root).encode())
-    with open(name, 'rb') as f:
+  for name in names:
+    digest.update(name.encode())
+    with paths.open_binary(os.path.join(root, name)) as f:
       for chunk in iter(lambda: f.read(1 << 20), b''):
         digest.update(chunk)
   return digest.hexdigest()
@@ -142,7 +142,7 @@ def load_frozen(cfg: ml_collections.ConfigDict, frozen: Frozen):
 def resolve_digest(cfg: ml_collections.ConfigDict) -> str:
   """The frozen teacher's weights digest; `teacher.weights_sha256`, when given, must match."""
   path = cfg.teacher.weights
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise TeacherError(f'teacher.weights={path!r} does not exist; point it at a workdir, a '
                        'checkpoint, a .safetensors/.npz/.pth file or a Hugging Face directory.')
   digest = weights_digest(path)

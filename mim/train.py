@@ -26,6 +26,7 @@ from mim import masking
 from mim import metrics as metrics_lib
 from mim import objectives
 from mim import optim
+from mim import paths
 from mim import preemption
 from mim import sharding
 from mim import teacher as teacher_lib
@@ -305,7 +306,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
   if parts.frozen:  # recorded in config.json and every checkpoint's config
     cfg.teacher.weights_sha256 = teacher_lib.resolve_digest(cfg)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
 
   # ---------------------------------------------------------------- mesh, sharded state
   mesh = sharding.make_mesh(cfg.mesh)
@@ -331,8 +332,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
     latest, state, train_iter, iter_restored = ckpt_lib.restore_latest(
         mngr, abstract_state, make_data_iter, config=cfg.to_dict())
     if is_main:  # only once the checkpoints are known to fit (export and init_from read it)
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+      paths.write_text(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
     if latest is None:
       state, train_iter = initial_state(cfg, parts, shardings, abstract_state, make_data_iter)
     elif is_main:

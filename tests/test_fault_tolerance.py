@@ -1,5 +1,6 @@
 """Never lose work: SIGKILL + restart is bitwise exact, SIGTERM saves and exits 0, checkpoints
-restore across device counts and survive corruption, NaN policies, bad data is skipped."""
+restore across device counts and survive corruption, NaN policies, bad data is skipped. The
+kill, preemption and corruption tests run on a local workdir and on gs:// (conftest.storage)."""
 import os
 import random
 import signal
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from mim import interop
+from mim import paths
 from tests import launch
 
 
@@ -35,11 +37,12 @@ RUN = ['--config.total_steps=200', '--config.checkpoint_every_steps=20']
 
 def committed_steps(workdir) -> list[int]:
   path = os.path.join(workdir, 'checkpoints')
-  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  return sorted(int(d) for d in paths.listdir(path) if d.isdigit()) if paths.isdir(path) else []
 
 
-def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path):
-  reference, killed = str(tmp_path / 'reference'), str(tmp_path / 'killed')
+def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, storage):
+  """The killed run (local or gs://) against an uninterrupted local one: same losses, bitwise."""
+  reference, killed = str(tmp_path / 'reference'), f'{storage}/killed'
   launch.run(reference, *RUN, devices=2)
   # A new kill step each run, reproducible: MIM_FAULT_SEED=<the seed in the failure> pytest ...
   seed = int(os.environ.get('MIM_FAULT_SEED', random.SystemRandom().randrange(10**6)))
@@ -63,8 +66,8 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path):
   assert_trees_equal(params_of(killed), params_of(reference))
 
 
-def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
-  workdir = str(tmp_path / 'run')
+def test_sigterm_saves_the_current_step_and_exits_zero(storage):
+  workdir = f'{storage}/run'
   proc = launch.launch(workdir, '--config.total_steps=100000',
                        '--config.checkpoint_every_steps=100000', devices=2)
   wait_for_rows(proc, workdir, 3)
@@ -74,7 +77,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
   assert time.time() - t < 30
   last = launch.metrics(workdir)[-1]['step']
   assert f'Stopped by SIGTERM after step {last}' in out
-  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(last)]
+  assert paths.listdir(os.path.join(workdir, 'checkpoints')) == [str(last)]
 
 
 CONSTANT_LR = ['--config.optim.warmup_steps=0', '--config.optim.base_lr=1e-3',
@@ -110,22 +113,21 @@ def test_init_from_another_workdir_params_or_full_state(tmp_path):
 
 def corrupt(step_dir):
   """Truncates every data file of a checkpoint's state item to half its size."""
-  for root, _, names in os.walk(os.path.join(step_dir, 'state')):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'r+b') as f:
-        f.truncate(os.path.getsize(path) // 2)
+  state = os.path.join(step_dir, 'state')
+  for name in paths.files_under(state):
+    data = paths.read_bytes(os.path.join(state, name))
+    paths.write_bytes(os.path.join(state, name), data[:len(data) // 2])
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path):
-  workdir = str(tmp_path / 'run')
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(storage):
+  workdir = f'{storage}/run'
   args = ['--config.total_steps=6', '--config.checkpoint_every_steps=3']
   launch.run(workdir, *args)
   reference = launch.metrics(workdir)
   corrupt(os.path.join(workdir, 'checkpoints', '6'))
   out = launch.run(workdir, *args)
   assert 'checkpoints/6 is unreadable' in out and 'Resumed from' in out and '/3' in out
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '6.unreadable'))
+  assert paths.isdir(os.path.join(workdir, 'checkpoints', '6.unreadable'))
   numbers = lambda rows: [(r['step'], r['loss'], r['grad_norm'], r['lr']) for r in rows]
   assert numbers(launch.metrics(workdir)) == numbers(reference)  # steps 4-6 redone, bitwise
   corrupt(os.path.join(workdir, 'checkpoints', '6'))

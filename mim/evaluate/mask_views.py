@@ -12,6 +12,7 @@ With `masking.name='all'`, every strategy that needs no signals from a model is 
 colored_noise one row per color (generated noise with the configured sigmas; random is white).
 The images are `visualize.images` (any image files) or the eval split's first ones.
 """
+import io
 import os
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from mim import config as config_lib
 from mim import masking
+from mim import paths
 from mim.evaluate import recon_views
 from mim.masks import colored_noise
 from mim.models import mae
@@ -95,6 +97,15 @@ def masked_images(images: np.ndarray, mask: np.ndarray, patch_size: int, mean, s
   return np.round(np.where(pixel > 0, 0.5, rgb) * 255).astype(np.uint8)
 
 
+def _save_figure(fig, path: str) -> None:
+  """`fig` as a PNG at `path` (local or gs://), then closed."""
+  from matplotlib import pyplot as plt
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=80)
+  plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
+
+
 def save_mask_grid(path: str, images: np.ndarray, rows: list[tuple[str, np.ndarray]],
                    patch_size: int, mean, std) -> None:
   import matplotlib
@@ -112,8 +123,7 @@ def save_mask_grid(path: str, images: np.ndarray, rows: list[tuple[str, np.ndarr
       ax.set_xticks([]), ax.set_yticks([])
     axes[r, 0].set_ylabel(label, rotation=0, ha='right', va='center', fontsize=9)
   fig.tight_layout(pad=0.3)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save_figure(fig, path)
 
 
 def save_spectrum_plot(path: str, curves: list[tuple[str, np.ndarray, np.ndarray]], title: str
@@ -130,8 +140,7 @@ def save_spectrum_plot(path: str, curves: list[tuple[str, np.ndarray, np.ndarray
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save_figure(fig, path)
 
 
 def visualize(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -147,7 +156,7 @@ def visualize(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
   spec = mae.spec_from_config(cfg.model)
   images = recon_views.load_images(cfg, spec.image_size)
   out = os.path.join(workdir, 'visualize')
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   name = cfg.masking.name
   # Teacher-driven masks depend on a model's outputs for each image: only reconstructions show them.
   drawn = [v for v in rows if not masking.get_strategy(v.cfg.masking.name).needs]

@@ -31,6 +31,7 @@ import data as data_lib
 from data import images as images_lib
 from data import transforms
 from mim import masking
+from mim import paths
 from mim import teacher as teacher_lib
 from mim.evaluate import reconstruction
 from mim.models import mae
@@ -59,10 +60,10 @@ def load_weights(cfg: ml_collections.ConfigDict
 def _norm_pix(cfg, loaded_cfg) -> tuple[bool, str]:
   from mim.interop import files, ours  # pylint: disable=g-import-not-at-top
   path = cfg.init_from
-  if os.path.isdir(path) and ours.find_step_dir(path):
+  if paths.isdir(path) and ours.find_step_dir(path):
     return bool(loaded_cfg.targets.norm_pix), 'the run\'s config.json'
-  hf_json = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), 'config.json')
-  if os.path.exists(hf_json) and files.read_json(hf_json).get('norm_pix_loss') is not None:
+  hf_json = os.path.join(path if paths.isdir(path) else os.path.dirname(path), 'config.json')
+  if paths.exists(hf_json) and files.read_json(hf_json).get('norm_pix_loss') is not None:
     return bool(files.read_json(hf_json)['norm_pix_loss']), hf_json
   return bool(cfg.targets.norm_pix), 'targets.norm_pix (the weights do not say)'
 

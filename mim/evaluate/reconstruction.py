@@ -1,12 +1,13 @@
 """MAE reconstruction grids: original / masked input / [raw reconstruction /] reconstruction with
 the visible patches pasted, as a uint8 RGB image."""
+import io
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from mim import paths
 from mim.patches import patchify, unpatchify
 
 _GREY = 128  # Fill for masked patches in the masked-input row.
@@ -82,6 +83,7 @@ def reconstruction_grid(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, 
 
 
 def save_reconstruction_grid(path: str, *args, **kwargs) -> None:
-  """Writes `reconstruction_grid(*args, **kwargs)` as a PNG at `path`, creating parent dirs."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(reconstruction_grid(*args, **kwargs)).save(path, format="PNG")
+  """Writes `reconstruction_grid(*args, **kwargs)` as a PNG at `path` (local or gs://)."""
+  buffer = io.BytesIO()
+  Image.fromarray(reconstruction_grid(*args, **kwargs)).save(buffer, format="PNG")
+  paths.write_bytes(path, buffer.getvalue())

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from data import eval_subset
 from mim import config as config_lib
+from mim import paths
 from mim import sharding
 from mim.evaluate import features as features_lib
 from mim.evaluate import heads
@@ -140,7 +141,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   is_main = jax.process_index() == 0
   out_dir = os.path.join(workdir, 'eval')
   if is_main:
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     print(f'Evaluating {weights} (ViT {model.spec.width}x{model.spec.depth}, patch '
           f'{model.spec.patch_size}, {model.spec.image_size} px) on {mesh.size} device(s), mesh '
           f'{dict(mesh.shape)}: {", ".join(cfg.eval.protocols)}.', flush=True)
@@ -152,8 +153,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
                   seconds=round(time.perf_counter() - t0, 2))
     results[protocol] = result
     if is_main:
-      with open(os.path.join(out_dir, f'{protocol}.json'), 'w') as f:
-        json.dump(result, f, indent=2)
+      paths.write_text(os.path.join(out_dir, f'{protocol}.json'), json.dumps(result, indent=2))
       for line in summary_lines(protocol, result):
         print(line, flush=True)
   return results

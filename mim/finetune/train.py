@@ -41,6 +41,7 @@ from mim import checkpoint as ckpt_lib
 from mim import config as config_lib
 from mim import metrics as metrics_lib
 from mim import optim
+from mim import paths
 from mim import preemption
 from mim import sharding
 from mim import train as train_lib
@@ -81,7 +82,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         "--mode=finetune needs --config.init_from: a pretraining workdir, a weights file "
         "(official MAE .pth, timm, Hugging Face), or 'random' to train from scratch.")
-  if cfg.init_from != 'random' and not os.path.exists(cfg.init_from):
+  if cfg.init_from != 'random' and not paths.exists(cfg.init_from):
     raise config_lib.ConfigError(f'init_from={cfg.init_from!r} does not exist; give a pretraining '
                                  "workdir, a weights file, or 'random'.")
   if cfg.init_from_state:
@@ -263,7 +264,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
   eval_every = int(round(f.eval_every_epochs * steps_per_epoch))
   peak_lr = optim.peak_lr(cfg.optim, cfg.batch_size)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
 
   # ---------------------------------------------------------------- mesh, sharded state
   mesh = sharding.make_mesh(cfg.mesh)
@@ -287,8 +288,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
     latest, state, train_iter, iter_restored = ckpt_lib.restore_latest(
         mngr, abstract_state, make_data_iter, config=cfg.to_dict())
     if is_main:
-      with open(os.path.join(workdir, 'config.json'), 'w') as fh:
-        fh.write(cfg.to_json_best_effort(indent=2))
+      paths.write_text(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
     if latest is None:
       state = init_state(parts, shardings, cfg.seed, encoder)
       if is_main and encoder is not None:
@@ -398,8 +398,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
             evaluations=_evaluations(workdir) if is_main else [],
             seconds_this_run=round(time.perf_counter() - t_start, 2))
         if is_main:
-          with open(os.path.join(workdir, 'finetune.json'), 'w') as fh:
-            json.dump(result, fh, indent=2)
+          paths.write_text(os.path.join(workdir, 'finetune.json'), json.dumps(result, indent=2))
     if is_main and int(state.step) == total_steps:
       print(f'Done in {metrics_lib.format_duration(time.perf_counter() - t_start)}; '
             f'{os.path.join(workdir, "finetune.json")}', flush=True)
@@ -408,6 +407,6 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
 
 def _evaluations(workdir: str) -> list[dict]:
   """Every evaluation of the run so far (also those before a resume), from metrics.jsonl."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as fh:
-    rows = [json.loads(line) for line in fh if line.strip()]
+  rows = [json.loads(line) for line in paths.read_text(os.path.join(workdir, 'metrics.jsonl'))
+          .splitlines() if line.strip()]
   return [r for r in rows if 'eval_top1' in r]

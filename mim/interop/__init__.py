@@ -29,6 +29,7 @@ from absl import logging
 from mim import config as config_lib
 from mim import masking
 from mim import objectives
+from mim import paths
 from mim.interop import files
 from mim.interop import hf
 from mim.interop import npz
@@ -52,16 +53,16 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None,
   file does not store them (only HF and our files do); the standard ViT widths need none.
   `encoder_only` ignores a file's decoder (a frozen teacher needs none of its head counts).
   """
-  if os.path.isdir(path):
+  if paths.isdir(path):
     step_dir = ours.find_step_dir(path)
     if step_dir:
       cfg, params = ours.load(step_dir)
       check_compatible(params, torch_layout.abstract_params(mae.spec_for_run(cfg)))
       return cfg, params
-    if os.path.exists(os.path.join(path, HF_WEIGHTS)):
+    if paths.exists(os.path.join(path, HF_WEIGHTS)):
       return _load_file(os.path.join(path, HF_WEIGHTS), model_config, encoder_only)
     raise files.not_recognized(path, f'a directory with neither checkpoints nor {HF_WEIGHTS}')
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise InteropError(f'{path} does not exist.')
   return _load_file(path, model_config, encoder_only)
 
@@ -79,7 +80,7 @@ def _load_file(path: str, model_config, encoder_only: bool = False
   if kind == 'hf':
     tensors, names = hf.from_hf(tensors)
     hf_config = os.path.join(os.path.dirname(path), HF_CONFIG)
-    if os.path.exists(hf_config):
+    if paths.exists(hf_config):
       extra = hf.read_config_json(files.read_json(hf_config), hf_config)
       stored_heads = (extra['num_heads'], extra['decoder_heads'])
       if extra['norm_pix'] is not None:
@@ -106,7 +107,7 @@ def save(config: ml_collections.ConfigDict, params: dict[str, Any], fmt: str, pa
   params = {k: jax.tree.map(np.asarray, v) for k, v in params.items() if k in ('encoder', 'decoder')}
   check_compatible(params, torch_layout.abstract_params(spec))
   base = files.stem(path)
-  os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+  paths.makedirs(os.path.dirname(paths.absolute(base)))
   if fmt == 'timm':
     sd = torch_layout.to_torch({'encoder': params['encoder']}, spec)
     files.write_safetensors(base + '.safetensors', sd)
@@ -117,7 +118,7 @@ def save(config: ml_collections.ConfigDict, params: dict[str, Any], fmt: str, pa
                        'encoder-only; use --export_format=timm.')
   sd = torch_layout.to_torch(params, spec)
   if fmt == 'hf':
-    os.makedirs(path, exist_ok=True)
+    paths.makedirs(path)
     files.write_safetensors(os.path.join(path, HF_WEIGHTS), hf.to_hf(sd))
     files.write_json(os.path.join(path, HF_CONFIG),
                      hf.config_json(spec, config.targets.norm_pix, config.masking.ratio))

@@ -6,6 +6,7 @@ A file's tensors are classified by their names, whatever the container:
   'npz'       big_vision-style `params/embedding/kernel`, ... (what timm's `load_pretrained` reads).
 """
 import argparse
+import io
 import json
 import os
 import zipfile
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mim import paths
 from mim.interop.hf import PATCH_KEYS as HF_PATCH_KEYS
 from mim.interop.torch_layout import InteropError
 
@@ -45,7 +47,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors import numpy as st_numpy
   try:
-    return st_numpy.load_file(path)
+    return st_numpy.load(paths.read_bytes(path))
   except SafetensorError as e:
     raise not_recognized(path, f'unreadable safetensors: {e}') from None
   except KeyError as e:  # safetensors.numpy has no bfloat16
@@ -59,7 +61,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     return read_safetensors(path)
   if path.endswith('.npz'):
     try:
-      with np.load(path, allow_pickle=False) as f:
+      with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as f:
         return dict(f)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
       raise not_recognized(path, f'unreadable npz: {e}') from None
@@ -69,7 +71,8 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
       # Official training checkpoints also hold the argparse Namespace of the run; allow just that
       # (weights_only: never unpickle arbitrary objects).
       with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = torch.load(io.BytesIO(paths.read_bytes(path)), map_location='cpu',
+                         weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
       raise not_recognized(path, f'torch.load failed: {e}') from None
     for key in ('model', 'state_dict'):
@@ -93,39 +96,31 @@ def classify(tensors: dict[str, Any], path: str) -> str:
                              f'{sorted(tensors)[:3]}')
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
   from safetensors import numpy as st_numpy
-  st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
-  # safetensors writes through a private temporary file (0600): give it the usual mode, as
-  # np.savez and torch.save get, so other users of a shared filesystem can read it.
-  os.chmod(path, 0o666 & ~_umask())
+  paths.write_bytes(path, st_numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
 
 
 def write_pth(path: str, sd: dict[str, np.ndarray]) -> None:
   """The official MAE checkpoint layout: {'model': state_dict}."""
   torch = _torch()
-  torch.save({'model': {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, path)
+  buffer = io.BytesIO()
+  torch.save({'model': {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, buffer)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def write_npz(path: str, tensors: dict[str, np.ndarray]) -> None:
-  np.savez(path, **tensors)
+  buffer = io.BytesIO()
+  np.savez(buffer, **tensors)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def write_json(path: str, obj: dict) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
+  paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
 
 def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def stem(path: str) -> str:

@@ -11,21 +11,22 @@ import ml_collections
 import numpy as np
 
 from mim import config as config_lib
+from mim import paths
 from mim.interop import files
 from mim.interop.torch_layout import InteropError
 
 
 def _latest_step_dir(checkpoints: str) -> Optional[str]:
   # Orbax renames a step directory to its bare number only once the save is complete.
-  if not os.path.isdir(checkpoints):
+  if not paths.isdir(checkpoints):
     return None
-  steps = [int(d) for d in os.listdir(checkpoints) if d.isdigit()]
+  steps = [int(d) for d in paths.listdir(checkpoints) if d.isdigit()]
   return os.path.join(checkpoints, str(max(steps))) if steps else None
 
 
 def find_step_dir(path: str) -> Optional[str]:
   """The checkpoint step directory `path` names, or None if it is not one of ours."""
-  if os.path.isdir(os.path.join(path, 'state')):
+  if paths.isdir(os.path.join(path, 'state')):
     return path
   return _latest_step_dir(os.path.join(path, 'checkpoints')) or _latest_step_dir(path)
 
@@ -45,7 +46,7 @@ def read_params(step_dir: str) -> dict:
   """The `params` of the TrainState saved in `step_dir/state`, as host numpy arrays."""
   import orbax.checkpoint as ocp  # the checkpoint stack, only when reading our checkpoints
   from etils import epath
-  path = epath.Path(os.path.abspath(os.path.join(step_dir, 'state')))
+  path = epath.Path(paths.absolute(os.path.join(step_dir, 'state')))
   # The item handler itself: a Checkpointer would warn about the step-level metadata it expects.
   handler = ocp.PyTreeCheckpointHandler()
   try:
@@ -62,9 +63,9 @@ def read_params(step_dir: str) -> dict:
 
 
 def load(step_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
-  config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))),
+  config_path = os.path.join(os.path.dirname(os.path.dirname(paths.absolute(step_dir))),
                              'config.json')
-  if not os.path.exists(config_path):
+  if not paths.exists(config_path):
     raise InteropError(f'{config_path} not found: the workdir of checkpoint {step_dir} must hold the '
                        "run's config.json.")
   cfg = config_lib.default_config()
