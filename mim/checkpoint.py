@@ -135,9 +135,9 @@ def config_differences(saved: Optional[dict], current: Optional[dict]) -> list[s
   return [f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}' for k in keys]
 
 
-def _group(paths: list[str], depth: int = 2) -> list[str]:
-  """Paths cut to their first `depth` components, deduplicated in order."""
-  return list(dict.fromkeys('/'.join(p.split('/')[:depth]) for p in paths))
+def _group(entries: list[str], depth: int = 2) -> list[str]:
+  """Entry paths cut to their first `depth` components, deduplicated in order."""
+  return list(dict.fromkeys('/'.join(p.split('/')[:depth]) for p in entries))
 
 
 def signature_differences(saved: dict, wanted: dict, step: int) -> list[str]:
@@ -250,10 +250,11 @@ def restore_fitting(step_dir: str, abstract_state: Any, fresh_state: Any
   saved = flat_signature(meta)
   wanted = {p: (leaf, sig) for (p, sig), leaf in
             zip(flat_signature(abstract_state).items(), jax.tree.leaves(abstract_state))}
-  paths = ['/'.join(_key_str(k) for k in path)
-           for path, _ in jax.tree_util.tree_flatten_with_path(meta)[0]]
+  saved_paths = ['/'.join(_key_str(k) for k in path)
+                 for path, _ in jax.tree_util.tree_flatten_with_path(meta)[0]]
   item = jax.tree.unflatten(jax.tree.structure(meta), [
-      wanted[p][0] if p in wanted and wanted[p][1] == saved[p] else ocp.PLACEHOLDER for p in paths])
+      wanted[p][0] if p in wanted and wanted[p][1] == saved[p] else ocp.PLACEHOLDER
+      for p in saved_paths])
   handler = ocp.PyTreeCheckpointHandler()
   try:
     restored = _retry(lambda: handler.restore(
@@ -262,7 +263,7 @@ def restore_fitting(step_dir: str, abstract_state: Any, fresh_state: Any
                                     restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
   finally:
     handler.close()
-  values = {p: v for p, v in zip(paths, jax.tree.leaves(restored, is_leaf=lambda x: x is ...))
+  values = {p: v for p, v in zip(saved_paths, jax.tree.leaves(restored, is_leaf=lambda x: x is ...))
             if v is not ...}
   fresh_paths = [p for p in wanted if p not in values]
   flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_state)

@@ -52,3 +52,9 @@ def metrics(workdir) -> list[dict]:
     return []
   return [json.loads(line) for line in paths.read_text(path).splitlines(keepends=True)
           if line.endswith('\n')]
+
+
+def copy_tree(source: str, target: str) -> None:
+  """Copies every file below `source` to the same place below `target`; either may be gs://."""
+  for name in paths.files_under(source):
+    paths.write_bytes(os.path.join(target, name), paths.read_bytes(os.path.join(source, name)))

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from mim import checkpoint as ckpt_lib
+from mim import paths
 from tests import launch
 
 RUN = ['--config.total_steps=40', '--config.checkpoint_every_steps=20']
@@ -14,14 +15,9 @@ CLIP = '--config.optim.grad_clip_norm=1.0'
 
 
 def snapshot(root) -> dict[str, str]:
-  """Every file under `root` with the sha256 of its bytes."""
-  out = {}
-  for folder, _, names in os.walk(root):
-    for name in names:
-      path = os.path.join(folder, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-  return out
+  """Every file under `root` (local or gs://) with the sha256 of its bytes."""
+  return {name: hashlib.sha256(paths.read_bytes(os.path.join(root, name))).hexdigest()
+          for name in paths.files_under(root)}
 
 
 @pytest.fixture(scope='module')
@@ -35,9 +31,9 @@ def source(tmp_path_factory):
   return workdir, {r['step']: r['loss'] for r in launch.metrics(continued) if r['step'] > 40}
 
 
-def test_changed_state_config_stops_and_touches_nothing(source, tmp_path):
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(source[0], workdir)
+def test_changed_state_config_stops_and_touches_nothing(source, storage):
+  workdir = f'{storage}/run'
+  launch.copy_tree(source[0], workdir)
   before = snapshot(os.path.join(workdir, 'checkpoints'))
   out = launch.run(workdir, *RUN, CLIP, expect_rc=2)
   assert 'Traceback' not in out and 'does not fit this config' in out
@@ -45,16 +41,20 @@ def test_changed_state_config_stops_and_touches_nothing(source, tmp_path):
   assert 'optim.grad_clip_norm: 0.0 -> 1.0' in out      # the key that caused it
   assert f'--config.init_from={workdir}' in out           # the way out
   assert snapshot(os.path.join(workdir, 'checkpoints')) == before   # same files, same bytes
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
+  assert paths.listdir(os.path.join(workdir, 'checkpoints')) == ['20', '40']
   # The original config still resumes at 40 and continues exactly.
   out = launch.run(workdir, '--config.total_steps=42', '--config.checkpoint_every_steps=20')
   assert f'Resumed from {workdir}/checkpoints/40' in out
   assert {r['step']: r['loss'] for r in launch.metrics(workdir) if r['step'] > 40} == source[1]
 
 
-def test_init_from_state_continues_under_gradient_clipping(source, tmp_path):
-  workdir = str(tmp_path / 'clipped')
-  out = launch.run(workdir, '--config.total_steps=42', CLIP, f'--config.init_from={source[0]}',
+def test_init_from_state_continues_under_gradient_clipping(source, storage):
+  """init_from another workdir's full state, both workdirs local or both on gs://."""
+  workdir, init_from = f'{storage}/clipped', source[0]
+  if storage.startswith('gs://'):
+    init_from = f'{storage}/source'
+    launch.copy_tree(source[0], init_from)
+  out = launch.run(workdir, '--config.total_steps=42', CLIP, f'--config.init_from={init_from}',
                    '--config.init_from_state=True')
   assert 'restored step, params/decoder, params/encoder' in out
   assert 'started fresh: opt_state/1' in out and 'starting at step 40' in out

@@ -21,6 +21,7 @@ from mim import teacher as teacher_lib
 from mim import train
 from mim.models import mae
 from mim.models import vit
+from tests import launch
 from tests.test_train import tiny_config
 
 TEACHER_MODEL = dict(variant='', image_size=16, patch_size=4, width=48, depth=3, num_heads=2)
@@ -70,12 +71,16 @@ def numpy_layer_norm(x):
   return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
 
 
-def test_teacher_features_equal_from_every_format(teacher_workdir, tmp_path):
+def test_teacher_features_equal_from_every_format(teacher_workdir, storage):
+  """teacher.weights as our workdir, timm, HF and MAE files, on a local disk and on gs://."""
   file_cfg, params = interop.load(teacher_workdir)
+  if storage.startswith('gs://'):
+    launch.copy_tree(teacher_workdir, f'{storage}/teacher')
+    teacher_workdir = f'{storage}/teacher'
   paths = [teacher_workdir]
-  paths += interop.save(file_cfg, params, 'timm', str(tmp_path / 'vit'))        # .safetensors, .npz
-  paths += [interop.save(file_cfg, params, 'hf', str(tmp_path / 'hf'))[0].rsplit('/', 1)[0]]
-  paths += interop.save(file_cfg, params, 'mae', str(tmp_path / 'mae'))        # .safetensors, .pth
+  paths += interop.save(file_cfg, params, 'timm', f'{storage}/vit')        # .safetensors, .npz
+  paths += [interop.save(file_cfg, params, 'hf', f'{storage}/hf')[0].rsplit('/', 1)[0]]
+  paths += interop.save(file_cfg, params, 'mae', f'{storage}/mae')        # .safetensors, .pth
   assert {os.path.splitext(p)[1] for p in paths} == {'', '.safetensors', '.npz', '.pth'}
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
   spec = mae.spec_from_config(file_cfg.model)

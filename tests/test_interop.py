@@ -5,6 +5,7 @@ The torch-side tests skip when torch, timm or transformers is missing (requireme
 installs them).
 """
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -19,11 +20,13 @@ import pytest
 from mim import checkpoint as ckpt_lib
 from mim import config as config_lib
 from mim import interop
+from mim import paths
 from mim import train
 from mim.interop import files
 from mim.interop import hf
 from mim.interop import torch_layout
 from mim.models import mae
+from tests import launch
 
 os.environ['HF_HUB_OFFLINE'] = '1'  # nothing may download at test time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,11 +68,6 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def read_bytes(path):
-  with open(path, 'rb') as f:
-    return f.read()
-
-
 # --------------------------------------------------------------------------- layout (numpy only)
 
 def official_vit_b_shapes():
@@ -104,10 +102,10 @@ def test_vit_b_official_keys_and_shapes():
 
 
 @pytest.mark.parametrize('fmt', ['timm', 'hf', 'mae'])
-def test_export_import_export_is_identity(tiny, tmp_path, fmt):
+def test_export_import_export_is_identity(tiny, storage, fmt):
   cfg, params = tiny
-  first = interop.save(cfg, params, fmt, str(tmp_path / 'a'))
-  cfg2, params2 = interop.load(first[0] if fmt != 'hf' else str(tmp_path / 'a'), cfg.model)
+  first = interop.save(cfg, params, fmt, f'{storage}/a')
+  cfg2, params2 = interop.load(first[0] if fmt != 'hf' else f'{storage}/a', cfg.model)
   want = {'encoder': params['encoder']} if fmt == 'timm' else params
   assert_trees_equal(params2, want)
   fields = ['image_size', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim']
@@ -115,13 +113,14 @@ def test_export_import_export_is_identity(tiny, tmp_path, fmt):
     fields += ['decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_dim']
   got, ref = mae.spec_from_config(cfg2.model), mae.spec_from_config(cfg.model)
   assert {f: getattr(got, f) for f in fields} == {f: getattr(ref, f) for f in fields}
-  second = interop.save(cfg2, params2, fmt, str(tmp_path / 'b'))
+  second = interop.save(cfg2, params2, fmt, f'{storage}/b')
   for a, b in zip(first, second):
     if a.endswith('.npz'):  # zip members carry timestamps: compare the arrays
-      with np.load(a) as x, np.load(b) as y:
+      npz = lambda path: np.load(io.BytesIO(paths.read_bytes(path)))
+      with npz(a) as x, npz(b) as y:
         assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x)
     elif not a.endswith('.pth'):
-      assert read_bytes(a) == read_bytes(b), a
+      assert paths.read_bytes(a) == paths.read_bytes(b), a
 
 
 def test_npz_import_equals_safetensors_import(tiny, tmp_path):
@@ -174,10 +173,14 @@ def test_load_our_checkpoint(tiny, workdir):
     assert cfg2.to_json() == cfg.to_json()
 
 
-def test_cli_export_from_workdir(tiny, workdir, tmp_path):
-  """main.py --mode=export (no --config: the workdir's config.json) -> mae files equal to ours."""
+def test_cli_export_from_workdir(tiny, workdir, storage):
+  """main.py --mode=export (no --config: the workdir's config.json) -> mae files equal to ours,
+  from and to a local disk or gs://."""
   cfg, params = tiny
-  out = str(tmp_path / 'mae_tiny')
+  if storage.startswith('gs://'):
+    launch.copy_tree(workdir, f'{storage}/run')
+    workdir = f'{storage}/run'
+  out = f'{storage}/mae_tiny'
   r = subprocess.run([sys.executable, 'main.py', '--mode=export', f'--workdir={workdir}',
                       '--export_format=mae', f'--export_path={out}'],
                      cwd=REPO, capture_output=True, text=True)
@@ -366,11 +369,11 @@ def test_official_mae_pth_loads_strict(tiny, tmp_path):
   from timm.layers import PatchEmbed
   from timm.models.vision_transformer import Block
   cfg, params = tiny
-  paths = interop.save(cfg, params, 'mae', str(tmp_path / 'mae'))
-  assert paths == [str(tmp_path / 'mae.safetensors'), str(tmp_path / 'mae.pth')]
-  ckpt = torch.load(paths[1], map_location='cpu', weights_only=True)
+  written = interop.save(cfg, params, 'mae', str(tmp_path / 'mae'))
+  assert written == [str(tmp_path / 'mae.safetensors'), str(tmp_path / 'mae.pth')]
+  ckpt = torch.load(written[1], map_location='cpu', weights_only=True)
   assert list(ckpt) == ['model']
-  st = files.read_safetensors(paths[0])
+  st = files.read_safetensors(written[0])
   assert ckpt['model'].keys() == st.keys()
   assert all(np.array_equal(ckpt['model'][k].numpy(), st[k]) for k in st)
 
@@ -394,7 +397,7 @@ def test_official_mae_pth_loads_strict(tiny, tmp_path):
   model.decoder_pred = torch.nn.Linear(s.decoder_width, s.patch_dim)
   model.load_state_dict(ckpt['model'], strict=True)
 
-  _, params2 = interop.load(paths[1], cfg.model)
+  _, params2 = interop.load(written[1], cfg.model)
   assert_trees_equal(params2, params)
   # A training checkpoint of the official code (util/misc.py::save_model) imports too.
   training = str(tmp_path / 'checkpoint-799.pth')

@@ -164,7 +164,7 @@ def visualize(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
     raise config_lib.ConfigError(
         f'masking.name={name!r} masks by a model\'s outputs: give --config.init_from=W_OR_WEIGHTS '
         'to draw its reconstructions.')
-  paths = []
+  written = []
   if drawn:
     masks = [draw(v, _SPECTRUM_MASKS, cfg.seed) for v in drawn]   # the grid shows the first few
     masks_path = os.path.join(out, f'masks_{name}.png')
@@ -175,7 +175,7 @@ def visualize(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
     save_spectrum_plot(spectrum_path, curves,
                        f'visible patches, {_SPECTRUM_MASKS} masks on the {spec.grid[0]}x'
                        f'{spec.grid[1]} grid, ratio {cfg.masking.ratio}')
-    paths += [masks_path, spectrum_path]
+    written += [masks_path, spectrum_path]
   if params is not None:
-    paths += recon_views.save_reconstructions(rows, params, images, out, cfg.seed)
-  return paths
+    written += recon_views.save_reconstructions(rows, params, images, out, cfg.seed)
+  return written

@@ -116,7 +116,7 @@ def predict_fn(view_cfg: ml_collections.ConfigDict, model: mae.MAE, step: int) -
 
 def save_reconstructions(views, params, images: np.ndarray, out_dir: str, seed: int) -> list[str]:
   """One reconstructions_<label>.png per view (mask_views.View); returns the paths."""
-  paths = []
+  written = []
   for view in views:
     c = view.cfg
     model = mae.MAE(mae.spec_from_config(c.model))
@@ -126,5 +126,5 @@ def save_reconstructions(views, params, images: np.ndarray, out_dir: str, seed: 
     reconstruction.save_reconstruction_grid(
         path, images, np.asarray(pred), np.asarray(mask), patch_size=model.spec.patch_size,
         mean=c.data.mean, std=c.data.std, norm_pix=c.targets.norm_pix, raw_row=True)
-    paths.append(path)
-  return paths
+    written.append(path)
+  return written
