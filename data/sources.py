@@ -32,6 +32,12 @@ def check_source(cfg, split: str) -> int:
 
 def make_source(cfg, split: str) -> 'Source':
   """The source named by `cfg.name` ('digits', 'npz', 'folder' or a TFDS name) for `split`."""
+  if '://' in (cfg.get('data_dir') or ''):
+    # ArrayRecord (riegeli), PIL and np.load read local files; a bucket is read through a mount.
+    raise DataError(f'config.data.data_dir={cfg.data_dir!r} is a URI: training data is read from '
+                    'local paths. Mount the bucket with gcsfuse (read-only, with a file cache) and '
+                    'pass the mount, e.g. --config.data.data_dir=/mnt/gcs/tfds '
+                    '(docs/tpu-pod.md#data)')
   if cfg.name == 'digits':
     return _digits(split)
   if cfg.name == 'npz':

@@ -302,6 +302,7 @@ def test_tfds_array_record(tmp_path):
     (dict(name='npz', data_dir='/no/such/dir'), 'train_*.npz', r"'/no/such/dir'.*data_dir"),
     (dict(name='folder', data_dir='/no/such/dir'), 'train', r'/no/such/dir/train.*data_dir'),
     (dict(name='digits'), 'validation', r"'validation'.*eval_split"),
+    (dict(name='imagenet2012', data_dir='gs://b/d'), 'train', r"'gs://b/d' is a URI.*gcsfuse"),
 ])
 def test_check_source_missing(cfg_kw, split, match):
   with pytest.raises(data.DataError, match=match):
