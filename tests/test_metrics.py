@@ -7,16 +7,18 @@ import jax
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mim import paths
 from mim.metrics import MetricWriter
 
 
 def _read_jsonl(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return [json.loads(line) for line in
+          paths.read_text(os.path.join(workdir, "metrics.jsonl")).splitlines()]
 
 
-def test_jsonl_append_and_tensorboard(tmp_path):
-  workdir = str(tmp_path / "run")
+def test_jsonl_append_and_tensorboard(storage):
+  """Local or gs://: TensorBoard's own reader (over fsspec for gs://) sees every point."""
+  workdir = f"{storage}/run"
   writer = MetricWriter(workdir)
   for step in (1, 2, 3):
     writer.write(step, {"train/loss": 1.0 / step, "lr": 0.5 * step})
