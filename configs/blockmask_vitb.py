@@ -2,7 +2,7 @@
 
 Command:
   python main.py --config=configs/blockmask_vitb.py --workdir=W --config.data.data_dir=TFDS_DATA_DIR
-Data: `imagenet2012` prepared as TFDS ArrayRecord in TFDS_DATA_DIR (see README, "ImageNet").
+Data: `imagenet2012` prepared as TFDS ArrayRecord in TFDS_DATA_DIR (see docs/data.md, "ImageNet").
 Recipe: configs/mae_vitb.py (1600 epochs, batch 4096, lr 1.5e-4 x 4096/256, norm-pix, decoder
   512x8) with BEiT's block sampler on the 14x14 grid (blocks of >= 16 patches, aspect 0.3-3.3,
   10 tries per block; mim/masks/block.py), the shortfall filled at random so exactly 147 patches

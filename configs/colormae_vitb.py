@@ -4,7 +4,7 @@ Command:
   python main.py --config=configs/colormae_vitb.py --workdir=W --config.data.data_dir=TFDS_DATA_DIR
   (--config.total_epochs=300 or 1600 for the paper's other lengths; see the masks first with
   python main.py --mode=visualize --config=configs/colormae_vitb.py --workdir=W ...)
-Data: `imagenet2012` prepared as TFDS ArrayRecord in TFDS_DATA_DIR (see README, "ImageNet").
+Data: `imagenet2012` prepared as TFDS ArrayRecord in TFDS_DATA_DIR (see docs/data.md, "ImageNet").
 Recipe: configs/mae_vitb.py (batch 4096, lr 1.5e-4 x 4096/256, 40 warmup epochs, cosine, AdamW
   (0.9, 0.95), wd 0.05, mask 0.75, norm-pix, decoder 512x8) with 800 epochs, green noise
   generated on device every step (sigmas 1.0 / 2.0 patches: a difference of Gaussians) and, as

@@ -4,7 +4,7 @@ Command:
   python main.py --config=configs/data2vec_vitb.py --workdir=W --config.data.data_dir=TFDS_DATA_DIR
   --config.targets.pixel_weight=1.0 --config.targets.feature_ramp_epochs=200 adds pixels back,
   BootMAE-style (its feature weight ramps over the first 25% of 800 epochs).
-Data: `imagenet2012` as TFDS ArrayRecord (README, "ImageNet").
+Data: `imagenet2012` as TFDS ArrayRecord (docs/data.md, "ImageNet").
 Targets (methods.md §4.1): the EMA teacher on all patches; the mean over its top 6 of 12 blocks
   of the parameter-free-LayerNorm'd block outputs (before the final norm), LayerNorm'd again;
   regressed at masked positions with Smooth-L1 (beta 2), through a Dense(512 -> 768) feature head

@@ -4,7 +4,7 @@ Command:
   python main.py --config=configs/hpm_vitb.py --workdir=W --config.data.data_dir=TFDS_DATA_DIR
   Continue an MAE run as HPM (the EMA starts from its params; the loss predictor starts fresh):
   python main.py --config=configs/hpm_vitb.py --workdir=W2 --config.init_from=MAE_WORKDIR
-Data: `imagenet2012` as TFDS ArrayRecord (README, "ImageNet").
+Data: `imagenet2012` as TFDS ArrayRecord (docs/data.md, "ImageNet").
 Recipe (HPM PRETRAIN.md / main_pretrain.py, methods.md §3): MAE ViT-B/16 + a second 8x512 decoder
   (the loss predictor, sharing the decoder embedding, mask token and positions), trained with the
   relative (pairwise BCE) loss against the stop-gradient per-patch reconstruction losses, weight 1;

@@ -2,7 +2,7 @@
 
 Command:
   python main.py --config=configs/mae_vitb.py --workdir=W --config.data.data_dir=TFDS_DATA_DIR
-Data: `imagenet2012` prepared as TFDS ArrayRecord in TFDS_DATA_DIR (see README, "ImageNet").
+Data: `imagenet2012` prepared as TFDS ArrayRecord in TFDS_DATA_DIR (see docs/data.md, "ImageNet").
 Recipe: 1600 epochs, batch 4096, AdamW(0.9, 0.95), wd 0.05, lr 1.5e-4 x 4096/256 = 2.4e-3,
   40 warmup epochs then cosine to 0 (per iteration), mask 0.75, norm-pix loss,
   decoder 512 wide x 8 blocks x 16 heads, RandomResizedCrop(0.2-1, bicubic) + flip.

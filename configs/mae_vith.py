@@ -2,7 +2,7 @@
 
 Command:
   python main.py --config=configs/mae_vith.py --workdir=W --config.data.data_dir=TFDS_DATA_DIR
-Data: `imagenet2012` as TFDS ArrayRecord (README, "ImageNet").
+Data: `imagenet2012` as TFDS ArrayRecord (docs/data.md, "ImageNet").
 Recipe: 1600 epochs, batch 4096, lr 1.5e-4 x 4096/256, 40 warmup epochs, mask 0.75, norm-pix,
   decoder 512x8 with 16 heads (prediction head 14*14*3 = 588 outputs).
 Cost: 656,613,964 trainable parameters, 291 GFLOP per image per step (analytic). With the default

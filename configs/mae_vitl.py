@@ -2,7 +2,7 @@
 
 Command:
   python main.py --config=configs/mae_vitl.py --workdir=W --config.data.data_dir=TFDS_DATA_DIR
-Data: `imagenet2012` as TFDS ArrayRecord (README, "ImageNet").
+Data: `imagenet2012` as TFDS ArrayRecord (docs/data.md, "ImageNet").
 Recipe: 1600 epochs (800 is the common shorter run), batch 4096, lr 1.5e-4 x 4096/256, 40 warmup
   epochs, mask 0.75, norm-pix, decoder 512x8 with 16 heads.
 Cost: ~329M trainable parameters (see --mode=summary for the exact count and FLOPs).
