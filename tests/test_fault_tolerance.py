@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from mim import interop
@@ -40,10 +41,17 @@ def committed_steps(workdir) -> list[int]:
   return sorted(int(d) for d in paths.listdir(path) if d.isdigit()) if paths.isdir(path) else []
 
 
-def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, storage):
-  """The killed run (local or gs://) against an uninterrupted local one: same losses, bitwise."""
-  reference, killed = str(tmp_path / 'reference'), f'{storage}/killed'
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory) -> str:
+  """A local workdir of RUN without interruption: the reference of both storage variants."""
+  reference = str(tmp_path_factory.mktemp('reference') / 'run')
   launch.run(reference, *RUN, devices=2)
+  return reference
+
+
+def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(uninterrupted, storage):
+  """The killed run (local or gs://) against an uninterrupted local one: same losses, bitwise."""
+  reference, killed = uninterrupted, f'{storage}/killed'
   # A new kill step each run, reproducible: MIM_FAULT_SEED=<the seed in the failure> pytest ...
   seed = int(os.environ.get('MIM_FAULT_SEED', random.SystemRandom().randrange(10**6)))
   kill_after = random.Random(seed).randint(30, 170)
@@ -85,6 +93,8 @@ CONSTANT_LR = ['--config.optim.warmup_steps=0', '--config.optim.base_lr=1e-3',
                '--config.checkpoint_every_steps=2']
 
 
+# slow: test_multiprocess restores a 2-process checkpoint in 1 process in the default run
+@pytest.mark.slow
 def test_restore_onto_8_then_2_then_1_devices(tmp_path):
   reference, moved = str(tmp_path / 'reference'), str(tmp_path / 'moved')
   launch.run(reference, *CONSTANT_LR, '--config.total_steps=6', devices=1)
@@ -100,6 +110,8 @@ def test_restore_onto_8_then_2_then_1_devices(tmp_path):
   assert_trees_equal(params_of(moved), params_of(reference), atol=3e-5)
 
 
+# slow: test_config_change continues a full state (local and gs://) in the default run
+@pytest.mark.slow
 def test_init_from_another_workdir_params_or_full_state(tmp_path):
   source, fresh, full = (str(tmp_path / n) for n in ('source', 'fresh', 'full'))
   launch.run(source, *CONSTANT_LR, '--config.total_steps=2')
@@ -187,6 +199,8 @@ FOLDER = ['--config.data.name=folder', '--config.data.eval_split=train', '--conf
           '--config.total_steps=2', '--config.checkpoint_every_steps=2']
 
 
+# slow: test_data skips and counts bad files (the data side of this test) in the default run
+@pytest.mark.slow
 def test_folder_with_corrupt_files_completes_and_counts_them(tmp_path):
   make_folder(str(tmp_path / 'data'))
   workdir = str(tmp_path / 'run')
