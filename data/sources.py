@@ -250,7 +250,6 @@ def _folder(data_dir: str, split: str) -> Source:
 
 def _tfds(name: str, data_dir: str, split: str) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
-  from etils import epath  # pylint: disable=g-import-not-at-top  (comes with tfds)
   how = (f'Prepare it as ArrayRecord (no TensorFlow is needed to read it), e.g. place the manual '
          f'download and run `tfds build {name} --data_dir={data_dir or "TFDS_DATA_DIR"} '
          '--file_format=array_record`, then pass --config.data.data_dir=TFDS_DATA_DIR; '
@@ -258,7 +257,7 @@ def _tfds(name: str, data_dir: str, split: str) -> Source:
   if not data_dir:
     raise DataError(f'config.data.data_dir is not set: TFDS dataset {name!r} needs the directory '
                     f'that holds its ArrayRecord build. {how}')
-  if not epath.Path(data_dir).is_dir():  # epath: gs:// works too
+  if not os.path.isdir(data_dir):  # a URI was refused in make_source
     raise DataError(f'TFDS data_dir {data_dir!r} (config.data.data_dir) does not exist. {how}')
   try:
     builder = tfds.builder(name, data_dir=data_dir)

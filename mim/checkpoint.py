@@ -263,8 +263,8 @@ def restore_fitting(step_dir: str, abstract_state: Any, fresh_state: Any
                                     restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
   finally:
     handler.close()
-  values = {p: v for p, v in zip(saved_paths, jax.tree.leaves(restored, is_leaf=lambda x: x is ...))
-            if v is not ...}
+  leaves = jax.tree.leaves(restored, is_leaf=lambda x: x is ...)
+  values = {p: v for p, v in zip(saved_paths, leaves) if v is not ...}
   fresh_paths = [p for p in wanted if p not in values]
   flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_state)
   state = jax.tree.unflatten(treedef, [

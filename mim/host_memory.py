@@ -6,8 +6,8 @@ allocation that large with a fresh mmap and returns it with munmap, so every ste
 new pages: the kernel zeroes and maps each one (22.5M minor faults and 35 s of system time in
 150 CIFAR-10 steps). One malloc arena with mmap off and trimming off lets the next step reuse the
 same memory: 244 -> 263 img/s in that run, ViT-Ti/4 1.38 -> 1.05 s/step in bench/run.py
-(docs/speed.md, "Page faults"). The cost: the heap keeps its high-water mark, and all threads share one
-malloc lock: compiles take 1.5-5 s longer, a step with small buffers gets slower (the demo's,
+(docs/speed.md, "Page faults"). The cost: the heap keeps its high-water mark, and all threads
+share one malloc lock: compiles take 1.5-5 s longer, a step with small buffers gets slower (the demo's,
 89 MiB: 0.086 -> 0.092-0.104 s, so configs/demo.py turns it off), and profiler traces contend
 (bench/step_profile.py keeps glibc's default). The config switch is `keep_freed_host_memory`.
 

@@ -58,3 +58,11 @@ def copy_tree(source: str, target: str) -> None:
   """Copies every file below `source` to the same place below `target`; either may be gs://."""
   for name in paths.files_under(source):
     paths.write_bytes(os.path.join(target, name), paths.read_bytes(os.path.join(source, name)))
+
+
+def on_storage(local: str, storage: str, name: str) -> str:
+  """`local` itself when `storage` is a local root, else its copy at `storage`/`name` (gs://)."""
+  if not paths.is_remote(storage):
+    return local
+  copy_tree(local, f'{storage}/{name}')
+  return f'{storage}/{name}'

@@ -50,10 +50,7 @@ def test_changed_state_config_stops_and_touches_nothing(source, storage):
 
 def test_init_from_state_continues_under_gradient_clipping(source, storage):
   """init_from another workdir's full state, both workdirs local or both on gs://."""
-  workdir, init_from = f'{storage}/clipped', source[0]
-  if storage.startswith('gs://'):
-    init_from = f'{storage}/source'
-    launch.copy_tree(source[0], init_from)
+  workdir, init_from = f'{storage}/clipped', launch.on_storage(source[0], storage, 'source')
   out = launch.run(workdir, '--config.total_steps=42', CLIP, f'--config.init_from={init_from}',
                    '--config.init_from_state=True')
   assert 'restored step, params/decoder, params/encoder' in out

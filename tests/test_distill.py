@@ -74,9 +74,7 @@ def numpy_layer_norm(x):
 def test_teacher_features_equal_from_every_format(teacher_workdir, storage):
   """teacher.weights as our workdir, timm, HF and MAE files, on a local disk and on gs://."""
   file_cfg, params = interop.load(teacher_workdir)
-  if storage.startswith('gs://'):
-    launch.copy_tree(teacher_workdir, f'{storage}/teacher')
-    teacher_workdir = f'{storage}/teacher'
+  teacher_workdir = launch.on_storage(teacher_workdir, storage, 'teacher')
   paths = [teacher_workdir]
   paths += interop.save(file_cfg, params, 'timm', f'{storage}/vit')        # .safetensors, .npz
   paths += [interop.save(file_cfg, params, 'hf', f'{storage}/hf')[0].rsplit('/', 1)[0]]

@@ -177,9 +177,7 @@ def test_cli_export_from_workdir(tiny, workdir, storage):
   """main.py --mode=export (no --config: the workdir's config.json) -> mae files equal to ours,
   from and to a local disk or gs://."""
   cfg, params = tiny
-  if storage.startswith('gs://'):
-    launch.copy_tree(workdir, f'{storage}/run')
-    workdir = f'{storage}/run'
+  workdir = launch.on_storage(workdir, storage, 'run')
   out = f'{storage}/mae_tiny'
   r = subprocess.run([sys.executable, 'main.py', '--mode=export', f'--workdir={workdir}',
                       '--export_format=mae', f'--export_path={out}'],
