@@ -1,15 +1,24 @@
 """Test session setup: 8 simulated CPU devices, so sharding is exercised everywhere."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# One persistent compilation cache for this test run and the processes it starts: the tests
+# compile the same small steps again and again (every resume, every subprocess run), and a cache
+# hit returns the executable XLA built the first time, so results are unchanged. Fresh per run.
+_JAX_CACHE = tempfile.mkdtemp(prefix='mim-test-jax-cache-')
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
 
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # grain's mp_prefetch reads absl flags
 
 
-import shutil  # noqa: E402
 import threading  # noqa: E402
 import uuid  # noqa: E402
 

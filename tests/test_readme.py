@@ -31,7 +31,8 @@ def readme_commands() -> list[str]:
       line = line.split('#')[0].strip().split('&& ')[-1]
       if line.startswith('python main.py'):
         commands.append(line)
-  return [c for c in commands if 'configs/demo.py' in c or '--mode=export' in c]
+  runnable = [c for c in commands if 'configs/demo.py' in c or '--mode=export' in c]
+  return list(dict.fromkeys(runnable))   # a command the README repeats runs once
 
 
 def free_port() -> int:
