@@ -1,29 +1,38 @@
 """The methods table: every pretraining method on one budget on the CIFAR-10 subset, then probed.
 
-  python bench/methods_table.py --smoke                  # everything, tiny: 1-2 minutes
-  python bench/methods_table.py                          # the full table: ~35 min on 2 free cores
-  python bench/methods_table.py --epochs=6 --width=192 --depth=6 --heads=3 --out=DIR   # more
+  python bench/methods_table.py --smoke            # everything, tiny: 1-2 minutes
+  python bench/methods_table.py --out=DIR          # the recipe's budget, 3 + 2 seeds: many hours
+  python bench/methods_table.py --epochs=3 --mae_seeds=0,1 --seeds=0 --out=DIR   # ~80 minutes
+  python bench/methods_table.py --methods=mae --mae_seeds=0 --epochs=10 --set=optim.base_lr=3e-3
 
-Data: ../shared/datasets/cifar10 ($MIM_DATASETS/cifar10 overrides): 20k train / 10k test images;
-skipped with a message when absent. Each method of configs/cifar10.py (mae for every seed of
---mae_seeds, the others seed 0) pretrains the same ViT for the same --epochs (in this process,
-`train.train`, as the printed `main.py` command would), from scratch in OUT/<method>_s<seed>.
-Then each encoder, plus a random-init one of the same ViT and raw pixels, is evaluated with the
-protocols of configs/eval_cifar10.py (`--mode=eval`'s pieces: features.extract, knn, probe), on
-features extracted once per encoder (the cls token and the tokens after the final norm): kNN
-(DINO, k=20) with the 20k train images as the bank, the MAE linear probe (BN + linear, LARS, 90
-epochs) and the attentive probe (EP, --attentive_epochs) on cached center-crop features, all on
-the 10k test images. Raw pixels: kNN and linear probe on the 3072 normalized values.
+Budget: the recipe of configs/cifar10.py (epochs, batch, ViT and decoder sizes, and every other
+setting), changed by the flags that are set; --set=KEY=VALUE changes any other setting of every
+pretraining run (docs/cifar10-recipe.md's trials). Data: ../shared/datasets/cifar10
+($MIM_DATASETS/cifar10 overrides): 20k train / 10k test images; skipped with a message when
+absent. Each method (mae for every seed of --mae_seeds, the others for every seed of --seeds)
+pretrains the same ViT for the same epochs (in this process, `train.train`, as the printed
+`main.py` command would), from scratch in OUT/<method>_s<seed>; the frozen-teacher methods
+distil OUT/teacher, the same MAE trained --teacher_epochs. Then each encoder, plus a random-init
+one of the same ViT and raw pixels, is evaluated with the protocols of configs/eval_cifar10.py
+(`--mode=eval`'s pieces: features.extract, knn, probe), on features extracted once per encoder
+(the cls token and the tokens after the final norm): kNN (DINO, k=20) with the 20k train images
+as the bank, the MAE linear probe (BN + linear, LARS, 90 epochs) and the attentive probe (EP,
+--attentive_epochs) on cached center-crop features, all on the 10k test images. Raw pixels: kNN
+and linear probe on the 3072 normalized values.
 
-Records per run: pretraining wall and CPU minutes (user + sys of this process and its data
-workers), the final loss, seed, commands; prints a markdown table (MAE's spread over seeds: mean
-and half the range) and writes OUT/methods_table.json. A run whose OUT/<name>/result.json exists
-with the same budget is not redone (an interrupted table continues).
+Prints an estimate of the wall time before the first run and the time left after each; records
+per run the pretraining wall and CPU minutes (user + sys of this process and its data workers),
+the final loss, seed and commands; prints a table of the runs and one of the methods (mean ± half
+the range over seeds, and the probes on which a method is better than MAE: its mean minus its
+spread above MAE's mean plus its spread), and writes OUT/methods_table.json. A run whose
+OUT/<name>/result.json exists with the same budget is not redone (an interrupted table continues).
 """
+import ast
 import datetime
 import json
 import os
 import resource
+import shlex
 import sys
 import time
 
@@ -34,6 +43,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import cifar10  # noqa: E402
+import data as data_lib  # noqa: E402
 from data import pipeline  # noqa: E402
 from mim import config as config_lib  # noqa: E402
 from mim import flops as flops_lib  # noqa: E402
@@ -51,15 +61,21 @@ LABELS = {'random_init': 'random init (no pretraining)', 'pixels': 'raw pixels (
           'teacher': 'MAE teacher (--teacher_epochs), distilled by the four below'}
 
 flags.DEFINE_string('out', 'workdirs/methods_table', 'Directory for the runs and the JSON.')
-flags.DEFINE_float('epochs', 3.0, 'Pretraining epochs of the 20k train images, every method.')
-flags.DEFINE_integer('width', 128, 'Encoder width (the same ViT for every method).')
-flags.DEFINE_integer('depth', 4, 'Encoder blocks.')
-flags.DEFINE_integer('heads', 4, 'Encoder heads.')
-flags.DEFINE_integer('decoder_width', 64, 'MAE decoder width.')
-flags.DEFINE_integer('decoder_depth', 2, 'MAE decoder blocks.')
-flags.DEFINE_integer('batch', 128, 'Pretraining batch.')
+RECIPE = 'configs/cifar10.py'   # every flag below left unset takes its value from here
+flags.DEFINE_float('epochs', None, 'Pretraining epochs of the 20k train images, every method.')
+flags.DEFINE_integer('width', None, 'Encoder width (the same ViT for every method).')
+flags.DEFINE_integer('depth', None, 'Encoder blocks.')
+flags.DEFINE_integer('heads', None, 'Encoder heads.')
+flags.DEFINE_integer('decoder_width', None, 'MAE decoder width (heads: width / 32).')
+flags.DEFINE_integer('decoder_depth', None, 'MAE decoder blocks.')
+flags.DEFINE_integer('batch', None, 'Pretraining batch.')
+flags.DEFINE_multi_string('set', [], 'KEY=VALUE: a setting of configs/cifar10.py for every '
+                          'pretraining run, VALUE a Python literal or a string (e.g. '
+                          '--set=masking.ratio=0.6 --set=data.crop_scale="(0.35, 1.0)"); model '
+                          'sizes take the flags above. In the budget and the printed commands.')
 flags.DEFINE_list('methods', list(METHODS), 'Methods of configs/cifar10.py to pretrain.')
-flags.DEFINE_list('mae_seeds', ['0', '1'], 'Seeds of the MAE runs (>= 2 for a spread).')
+flags.DEFINE_list('mae_seeds', ['0', '1', '2'], 'Seeds of the MAE runs (>= 2 for a spread).')
+flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of every other method (>= 2 for a spread).')
 flags.DEFINE_float('teacher_epochs', 0.0, 'Epochs of the MAE teacher the distillation methods '
                    'learn from (pretrained here, same ViT); 0 = 2x --epochs.')
 flags.DEFINE_float('linear_epochs', 90.0, 'Linear probe epochs (cached features).')
@@ -75,21 +91,60 @@ def data_dir() -> str:
 
 
 def budget() -> dict:
-  b = dict(epochs=FLAGS.epochs, teacher_epochs=FLAGS.teacher_epochs or 2 * FLAGS.epochs,
-           steps=0, batch=FLAGS.batch, width=FLAGS.width, depth=FLAGS.depth,
-           heads=FLAGS.heads, decoder_width=FLAGS.decoder_width,
-           decoder_depth=FLAGS.decoder_depth, linear_epochs=FLAGS.linear_epochs,
-           attentive_epochs=FLAGS.attentive_epochs, max_train=0, max_test=0)
+  """The table's budget: configs/cifar10.py's recipe, with the flags that are set."""
+  r = config_lib.load(os.path.join(ROOT, RECIPE), 'method=mae')
+  m = r.model
+  pick = lambda flag, value: value if FLAGS[flag].value is None else FLAGS[flag].value
+  b = dict(epochs=pick('epochs', r.total_epochs), steps=0, batch=pick('batch', r.batch_size),
+           width=pick('width', m.width), depth=pick('depth', m.depth),
+           heads=pick('heads', m.num_heads),
+           patch=m.patch_size, decoder_width=pick('decoder_width', m.decoder_width),
+           decoder_depth=pick('decoder_depth', m.decoder_depth),
+           decoder_heads=(m.decoder_heads if FLAGS.decoder_width is None
+                          else max(1, FLAGS.decoder_width // 32)),
+           linear_epochs=FLAGS.linear_epochs, attentive_epochs=FLAGS.attentive_epochs,
+           max_train=0, max_test=0)
+  b['teacher_epochs'] = FLAGS.teacher_epochs or 2 * b['epochs']
+  b['set'] = dict(_setting(kv) for kv in FLAGS.set)
+  apply_settings(r, b['set'])   # an unknown key or a wrong type fails here, before any run
   if FLAGS.smoke:
     b.update(epochs=0, steps=4, batch=32, width=32, depth=2, heads=2, decoder_width=16,
-             decoder_depth=1, linear_epochs=2.0, attentive_epochs=2.0, max_train=500, max_test=200)
+             decoder_depth=1, decoder_heads=1, linear_epochs=2.0, attentive_epochs=2.0,
+             max_train=500, max_test=200)
   return b
+
+
+def _setting(kv: str) -> tuple[str, object]:
+  key, sep, text = kv.partition('=')
+  if not sep or not key:
+    raise app.UsageError(f'--set={kv!r}: write KEY=VALUE, e.g. --set=masking.ratio=0.6.')
+  if key.split('.')[0] == 'model':
+    raise app.UsageError(f'--set={kv!r}: set model sizes with --width, --depth, --heads, '
+                         '--decoder_width, --decoder_depth (the random-init baseline shares them).')
+  try:
+    return key, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return key, text   # a plain string, e.g. masking.name=block
+
+
+def apply_settings(c, settings: dict) -> None:
+  for key, value in settings.items():
+    *parents, leaf = key.split('.')
+    try:
+      node = c
+      for name in parents:
+        node = node[name]
+      if leaf not in node:
+        raise KeyError(f'{leaf!r} is not in {".".join(parents) or "the config"}')
+      node[leaf] = value
+    except (KeyError, AttributeError, TypeError) as e:
+      raise app.UsageError(f'--set={key}={value!r}: {e}') from None
 
 
 def model_overrides(b: dict) -> dict:
   return dict(width=b['width'], depth=b['depth'], num_heads=b['heads'],
               decoder_width=b['decoder_width'], decoder_depth=b['decoder_depth'],
-              decoder_heads=max(1, b['decoder_width'] // 32))
+              decoder_heads=b['decoder_heads'])
 
 
 def teacher_workdir() -> str:
@@ -97,9 +152,10 @@ def teacher_workdir() -> str:
 
 
 def pretrain_config(method: str, seed: int, b: dict):
-  c = config_lib.load(os.path.join(ROOT, 'configs/cifar10.py'),
-                      f'method={"mae" if method == "teacher" else method}')
+  name = 'mae' if method == 'teacher' else method
+  c = config_lib.load(os.path.join(ROOT, RECIPE), f'method={name}')
   c.model.update(model_overrides(b))
+  apply_settings(c, b['set'])
   c.data.data_dir = data_dir()
   steps, epochs = b['steps'], b['epochs'] or 1.0
   if method == 'teacher':   # the same MAE, longer
@@ -130,6 +186,7 @@ def pretrain_command(method: str, seed: int, workdir: str, b: dict) -> str:
   args += ([f'--config.total_steps={c.total_steps}'] if c.total_steps else
            ['--config.total_steps=0', f'--config.total_epochs={c.total_epochs:g}'])
   args += [f'--config.model.{k}={v}' for k, v in m.items()]
+  args += [shlex.quote(f'--config.{k}={v}') for k, v in b['set'].items()]
   if method in config_lib.DISTILL_METHODS:   # the teacher and the layers for this depth
     args += [f'--config.teacher.weights={c.teacher.weights}', f'--config.teacher.blocks={c.teacher.blocks}']
     args += [f'--config.teacher.model.{k}={c.teacher.model[k]}' for k in m if k in c.teacher.model]
@@ -156,6 +213,60 @@ def eval_config(b: dict, init_from: str):
   config_lib.validate(c)
   return c
 
+
+
+EVAL_MIN = 2.0   # the probes of one ViT 128x4 on the 30k images, 2 AMD EPYC cores, 2026-12-06
+ESTIMATE_BASIS = (f'pretraining: 5 timed MAE steps on this machine, scaled by each method\'s '
+                  f'analytic FLOPs and steps; probes: {EVAL_MIN:g} min per ViT 128x4 encoder on '
+                  '30k images on 2 cores, scaled by images, width^2 x depth and cores')
+
+
+def pretrain_steps(c, b: dict) -> int:
+  if b['max_train'] and not c.total_steps:
+    return int(round(c.total_epochs * max(b['max_train'] // c.batch_size, 1)))
+  return train.schedule_lengths(c, data_lib.check_source(c.data, c.data.train_split))[0]
+
+
+def flops_per_step(c) -> float:
+  parts = train.build_parts(c, total_steps=1, warmup_steps=0)
+  return c.batch_size * flops_lib.train_flops_per_image(parts.spec, parts.keep,
+                                                        parts.teacher_signals, parts.frozen)
+
+
+def seconds_per_flop(c) -> float:
+  """The MAE step's wall seconds per FLOP here: 2 steps to compile and warm, 5 timed."""
+  parts = train.build_parts(c, total_steps=10, warmup_steps=1)
+  mesh = sharding.make_mesh(c.mesh)
+  with sharding.use_mesh(mesh):
+    _, shardings = train.state_shardings(parts, mesh)
+    state = train.init_state(parts, shardings, 0)
+    step = train.jit_train_step(c, parts, mesh, shardings)
+    batch = {'image': jax.random.uniform(jax.random.key(0), (c.batch_size, parts.spec.image_size,
+                                                             parts.spec.image_size, 3))}
+    for i in range(7):
+      if i == 2:
+        t0 = time.perf_counter()
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+  return (time.perf_counter() - t0) / 5 / flops_per_step(c)
+
+
+def estimate_minutes(runs, b: dict) -> list[float]:
+  """Wall minutes of each run (pretraining and probes), before any has run; 0 for a run done
+  already."""
+  todo = [not os.path.exists(os.path.join(FLAGS.out, name, 'result.json')) for name, _, _ in runs]
+  if not any(todo):
+    return [0.0] * len(runs)
+  sec = seconds_per_flop(pretrain_config('mae', 0, b))
+  images = (b['max_train'] or 20_000) + (b['max_test'] or 10_000)
+  probes = (EVAL_MIN * images / 30_000 * b['width'] ** 2 * b['depth'] / (128 ** 2 * 4)
+            * 2 / len(os.sched_getaffinity(0)))
+  out = []
+  for (_, method, seed), needed in zip(runs, todo):
+    c = pretrain_config(method, seed, b) if method else None
+    pretrain = pretrain_steps(c, b) * flops_per_step(c) * sec / 60 if c else 0.0
+    out.append(needed * (probes + pretrain))
+  return out
 
 
 def cpu_seconds() -> float:
@@ -212,9 +323,9 @@ def run_one(name: str, method: str | None, seed: int, b: dict) -> dict:
   if os.path.exists(result_path):
     with open(result_path) as f:
       done = json.load(f)
-    if done['budget'] == b:
+    if done['budget'] == json.loads(json.dumps(b)):   # as stored: tuples read back as lists
       print(f'{name}: reusing {result_path}', flush=True)
-      return done
+      return dict(done, reused=True)
     raise SystemExit(f'{result_path} was made with another budget ({done["budget"]}); use '
                      'another --out or delete it.')
   os.makedirs(workdir, exist_ok=True)
@@ -260,16 +371,29 @@ def _pct(x) -> str:
   return '-' if x is None else f'{100 * x:.1f}'
 
 
-def _spread(values) -> str:
+PROBES = ('knn', 'linear', 'attentive')
+
+
+def _mean_spread(values) -> tuple[float, float] | None:
+  """(mean, half the range) in %, or None where a probe does not apply."""
   if any(v is None for v in values):
-    return '-'
+    return None
   v = 100 * np.asarray(values)
-  return f'{v.mean():.1f} ± {(v.max() - v.min()) / 2:.1f}'
+  return float(v.mean()), float(v.max() - v.min()) / 2
+
+
+def _better(a, b) -> bool:
+  return a is not None and b is not None and a[0] - a[1] > b[0] + b[1]
+
+
+def _fmt(ms) -> str:
+  return '-' if ms is None else f'{ms[0]:.1f}' + (f' ± {ms[1]:.1f}' if ms[1] else '')
 
 
 def table(rows: list[dict], b: dict) -> str:
   what = (f'{b["steps"]} steps' if b['steps'] else f'{b["epochs"]:g} epochs') + (
-      f' of batch {b["batch"]}; ViT {b["width"]}x{b["depth"]} ({b["heads"]} heads), patch 4, '
+      f' of batch {b["batch"]}; ViT {b["width"]}x{b["depth"]} ({b["heads"]} heads), patch '
+      f'{b["patch"]}, '
       f'decoder {b["decoder_width"]}x{b["decoder_depth"]}')
   lines = [f'Pretraining: {what}. Probes on the frozen encoder: kNN k=20 (cls), linear '
            f'({b["linear_epochs"]:g} epochs) and attentive ({b["attentive_epochs"]:g} epochs) '
@@ -281,11 +405,33 @@ def table(rows: list[dict], b: dict) -> str:
     lines.append(f'| {label} | {r["seed"] if "pretrain_command" in r else "-"} | '
                  f'{_pct(r["knn"])} | {_pct(r["linear"])} | {_pct(r["attentive"])} | '
                  f'{r["pretrain_cpu_min"]:.1f} | {r["pretrain_wall_min"]:.1f} |')
+  lines += ['', 'Per method, mean ± half the range over seeds; "better than MAE" where the mean '
+            'minus its spread clears MAE\'s mean plus its spread:', '',
+            '| method | seeds | kNN | linear | attentive | pretrain CPU min | better than MAE on |',
+            '|---|---|---|---|---|---|---|']
+  methods = list(dict.fromkeys(r['method'] for r in rows))
+  stats = {m: {k: _mean_spread([r[k] for r in rows if r['method'] == m])
+               for k in PROBES} for m in methods}
+  for m in methods:
+    runs = [r for r in rows if r['method'] == m]
+    if m == 'mae' or 'mae' not in stats or m in ('random_init', 'pixels'):
+      verdict = '(the reference)' if m == 'mae' else '-'
+    elif len(runs) < 2:
+      verdict = 'one seed: no spread to judge'
+    else:
+      verdict = ', '.join(k for k in PROBES if _better(stats[m][k], stats['mae'][k])) or 'none'
+    lines.append(f'| {LABELS.get(m, m)} | {len(runs) if "pretrain_command" in runs[0] else "-"} | '
+                 + ' | '.join(_fmt(stats[m][k]) for k in PROBES)
+                 + f' | {np.mean([r["pretrain_cpu_min"] for r in runs]):.1f} | {verdict} |')
+  baselines = [r for r in rows if r['method'] in ('random_init', 'pixels')]
   mae = [r for r in rows if r['method'] == 'mae']
-  if len(mae) > 1:
-    lines += ['', f'MAE over seeds {", ".join(str(r["seed"]) for r in mae)} (mean ± half the '
-              'range): ' + ', '.join(f'{k} {_spread([r[k] for r in mae])}'
-                                     for k in ('knn', 'linear', 'attentive'))]
+  if mae and baselines:
+    margins = []
+    for k in PROBES:
+      base = [r[k] for r in baselines if r[k] is not None]
+      margins.append(f'{k} {100 * (min(r[k] for r in mae) - max(base)):+.1f}')
+    lines += ['', 'MAE\'s worst seed minus the best of raw pixels and random init: '
+              + ', '.join(margins)]
   return '\n'.join(lines)
 
 
@@ -303,15 +449,31 @@ def main(argv):
     raise app.UsageError(f'--methods: unknown {sorted(unknown)}; choose from {METHODS}.')
   b = budget()
   t_start = time.perf_counter()
-  runs = [(f'mae_s{s}', 'mae', int(s)) for s in FLAGS.mae_seeds if 'mae' in FLAGS.methods]
+  mae_seeds, seeds = FLAGS.mae_seeds, FLAGS.seeds
+  if FLAGS.smoke:   # 1-2 minutes: two MAE seeds (a spread) and one of the others, unless set
+    mae_seeds = mae_seeds if FLAGS['mae_seeds'].present else mae_seeds[:2]
+    seeds = seeds if FLAGS['seeds'].present else seeds[:1]
+  runs = [(f'mae_s{s}', 'mae', int(s)) for s in mae_seeds if 'mae' in FLAGS.methods]
   if set(FLAGS.methods) & set(config_lib.DISTILL_METHODS):
     runs.append(('teacher', 'teacher', 0))   # before its students
-  runs += [(f'{m}_s0', m, 0) for m in FLAGS.methods if m != 'mae']
-  rows = [run_one(name, method, seed, b) for name, method, seed in runs]
-  rows += [run_one('random_init', None, 0, b), run_one('pixels', None, 0, b)]
+  runs += [(f'{m}_s{s}', m, int(s)) for m in FLAGS.methods if m != 'mae' for s in seeds]
+  runs += [('random_init', None, 0), ('pixels', None, 0)]
+  minutes = estimate_minutes(runs, b)
+  print(f'{len(runs)} runs; estimated {sum(minutes):.0f} min on {jax.device_count()} device(s) '
+        f'({ESTIMATE_BASIS})', flush=True)
+  rows, measured, estimated = [], 0.0, 0.0   # over the runs done here (not reused)
+  for i, (name, method, seed) in enumerate(runs):
+    t0 = time.perf_counter()
+    rows.append(run_one(name, method, seed, b))
+    if not rows[-1].get('reused'):
+      measured, estimated = measured + (time.perf_counter() - t0) / 60, estimated + minutes[i]
+    left = sum(minutes[i + 1:]) * (measured / estimated if estimated else 1.0)
+    print(f'[{i + 1}/{len(runs)} runs done after {(time.perf_counter() - t_start) / 60:.1f} min; '
+          f'about {left:.0f} min left]', flush=True)
   text = table(rows, b)
   print('\n' + text)
   summary = dict(budget=b, date=datetime.date.today().isoformat(), cpu=flops_lib.cpu_name(),
+                 estimated_wall_min=sum(minutes),
                  cores=len(os.sched_getaffinity(0)), devices=jax.device_count(),
                  total_wall_min=(time.perf_counter() - t_start) / 60, rows=rows, markdown=text)
   path = os.path.join(FLAGS.out, 'methods_table.json')

@@ -19,8 +19,8 @@ from mim import config as config_lib
 def get_config(arg=None):
   del arg
   c = config_lib.default_config()
-  c.model.update(dict(variant='', image_size=32, patch_size=4, width=192, depth=6, num_heads=3,
-                      decoder_width=128, decoder_depth=2, decoder_heads=4))
+  c.model.update(dict(variant='', image_size=32, patch_size=4, width=128, depth=4, num_heads=4,
+                      decoder_width=64, decoder_depth=2, decoder_heads=2))
   c.data.update(dict(name='npz', data_dir='../shared/datasets/cifar10', train_split='train_*.npz',
                      eval_split='test.npz', num_workers=0))
   c.mesh.update(dict(data=-1, fsdp=1))

@@ -1,4 +1,5 @@
-"""bench/methods_table.py --smoke: every method and baseline pretrained (4 steps) and probed."""
+"""bench/methods_table.py --smoke: the recipe of configs/cifar10.py pretrained (4 steps, tiny ViT)
+and probed, the baselines, the per-method summary with its verdicts, and the reuse of done runs."""
 import json
 import os
 import subprocess
@@ -9,29 +10,54 @@ import pytest
 from tests import launch
 
 
-@pytest.mark.slow
-def test_methods_table_smoke(tmp_path):
+def run_table(out, *flags: str) -> subprocess.CompletedProcess:
   root = os.environ.get('MIM_DATASETS', os.path.join(os.path.dirname(launch.ROOT), 'shared',
                                                      'datasets'))
   if not os.path.exists(os.path.join(root, 'cifar10', 'test.npz')):
     pytest.skip(f'no CIFAR-10 subset at {root}/cifar10 (set MIM_DATASETS)')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  proc = subprocess.run([sys.executable, 'bench/methods_table.py', '--smoke', f'--out={tmp_path}'],
-                        cwd=launch.ROOT, env=env, capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, 'bench/methods_table.py', '--smoke', f'--out={out}',
+                         *flags], cwd=launch.ROOT, env=env, capture_output=True, text=True,
                         timeout=launch.TIMEOUT_S)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+SETTING = '--set=data.crop_scale=(0.35, 1.0)'   # a tuple: stored as a list, read back equal
+
+
+def test_table_of_mae_and_the_baselines_then_reused(tmp_path):
+  proc = run_table(tmp_path, '--methods=mae', SETTING)
   with open(tmp_path / 'methods_table.json') as f:
     summary = json.load(f)
   names = [r['name'] for r in summary['rows']]
-  assert names == ['mae_s0', 'mae_s1', 'colormae_s0', 'blockmask_s0', 'radial_s0', 'hpm_s0',
-                   'data2vec_s0', 'attmask_s0', 'random_init', 'pixels']
+  assert names == ['mae_s0', 'mae_s1', 'random_init', 'pixels']
   for r in summary['rows']:
     assert 0 <= r['knn'] <= 1 and 0 <= r['linear'] <= 1, r
     assert (r['attentive'] is None) == (r['name'] == 'pixels'), r
     assert (r['pretrain_cpu_min'] > 0) == ('pretrain_command' in r), r
-  assert '| mae | 1 |' in proc.stdout and 'MAE over seeds 0, 1' in proc.stdout
-  # A second call reuses every run.
-  again = subprocess.run([sys.executable, 'bench/methods_table.py', '--smoke', f'--out={tmp_path}'],
-                         cwd=launch.ROOT, env=env, capture_output=True, text=True,
-                         timeout=launch.TIMEOUT_S)
-  assert again.returncode == 0 and again.stdout.count('reusing') == 10, again.stdout[-2000:]
+  assert summary['estimated_wall_min'] > 0 and summary['total_wall_min'] > 0
+  out = proc.stdout
+  assert "'--config.data.crop_scale=(0.35, 1.0)'" in summary['rows'][0]['pretrain_command']
+  with open(tmp_path / 'mae_s0' / 'config.json') as f:
+    assert json.load(f)['data']['crop_scale'] == [0.35, 1.0]   # the run had the setting
+  assert '4 runs; estimated' in out and '[4/4 runs done after' in out
+  # The per-method rows: MAE's two seeds as mean ± half the range, the reference of the verdicts.
+  knn = sorted(100 * r['knn'] for r in summary['rows'][:2])
+  mae_row = f'| mae | 2 | {(knn[0] + knn[1]) / 2:.1f}'
+  assert mae_row in out and '| (the reference) |' in out, out[-3000:]
+  assert "MAE's worst seed minus the best of raw pixels and random init: knn" in out
+  again = run_table(tmp_path, '--methods=mae', SETTING)
+  assert again.stdout.count('reusing') == 4, again.stdout[-2000:]
+  assert '4 runs; estimated 0 min' in again.stdout
+
+
+@pytest.mark.slow
+def test_every_method(tmp_path):
+  proc = run_table(tmp_path)
+  assert '| mrmae | 1 |' in proc.stdout and 'one seed: no spread to judge' in proc.stdout
+  with open(tmp_path / 'methods_table.json') as f:
+    names = [r['name'] for r in json.load(f)['rows']]
+  assert names == ['mae_s0', 'mae_s1', 'teacher', 'colormae_s0', 'blockmask_s0', 'radial_s0',
+                   'hpm_s0', 'data2vec_s0', 'attmask_s0', 'mrmae_s0', 'dmae_s0', 'maskalign_s0',
+                   'dtm_s0', 'random_init', 'pixels']
