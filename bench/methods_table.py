@@ -257,7 +257,8 @@ def estimate_minutes(runs, b: dict) -> list[float]:
   todo = [not os.path.exists(os.path.join(FLAGS.out, name, 'result.json')) for name, _, _ in runs]
   if not any(todo):
     return [0.0] * len(runs)
-  sec = seconds_per_flop(pretrain_config('mae', 0, b))
+  pretraining = any(needed and method for (_, method, _), needed in zip(runs, todo))
+  sec = seconds_per_flop(pretrain_config('mae', 0, b)) if pretraining else 0.0
   images = (b['max_train'] or 20_000) + (b['max_test'] or 10_000)
   probes = (EVAL_MIN * images / 30_000 * b['width'] ** 2 * b['depth'] / (128 ** 2 * 4)
             * 2 / len(os.sched_getaffinity(0)))

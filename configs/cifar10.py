@@ -8,8 +8,8 @@ Command:
   what the teacher attends to); from a frozen teacher of this ViT (--config.teacher.weights=
   MAE_WORKDIR): mrmae, dmae, maskalign, dtm; bench/methods_table.py compares them on one budget.
 Data: `images` (N,32,32,3) uint8 and `labels` in train_*.npz (train) and test.npz (held out).
-Model: ViT 128 wide x 4 blocks (4 heads), patch 4 (64 patches, 16 visible), decoder 64x2: on 2
-  CPU cores this size learns more per CPU minute than 192x6 (docs/cifar10-recipe.md).
+Model: ViT 128 wide x 4 blocks (4 heads), patch 4 (64 patches, 16 visible), decoder 64x2: the
+  methods table's ViT (the trials of other sizes and settings: docs/cifar10-recipe.md).
 Masking on the 8x8 grid (48 masked), scaled between the 14x14 defaults and the demo's 4x4:
   noise sigmas 1.4 / 0.7 patches, blocks of at least 6 patches, 8 radial sectors.
 Teacher (hpm, data2vec, attmask): EMA momentum 0.99 -> 0.999 over the first 2 epochs, then
