@@ -1,5 +1,7 @@
 """bench/methods_table.py --smoke: the recipe of configs/cifar10.py pretrained (4 steps, tiny ViT)
 and probed, the baselines, the per-method summary with its verdicts, and the reuse of done runs."""
+import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +23,32 @@ def run_table(out, *flags: str) -> subprocess.CompletedProcess:
                         timeout=launch.TIMEOUT_S)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
+
+
+@functools.cache   # its absl flags can be defined once per process
+def methods_table_module():
+  spec = importlib.util.spec_from_file_location(
+      'methods_table', os.path.join(launch.ROOT, 'bench', 'methods_table.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_better_than_mae_needs_both_spreads_cleared():
+  mt = methods_table_module()
+  row = lambda method, seed, knn, linear: dict(method=method, seed=seed, knn=knn, linear=linear,
+                                               attentive=None, pretrain_cpu_min=1.0,
+                                               pretrain_wall_min=1.0, queries='q',
+                                               pretrain_command='c')
+  rows = [row('mae', 0, 0.40, 0.50), row('mae', 1, 0.42, 0.50),           # kNN 41 ± 1, linear 50
+          row('hpm', 0, 0.43, 0.52), row('hpm', 1, 0.45, 0.52),           # kNN 44 ± 1: clears 42
+          row('radial', 0, 0.42, 0.49), row('radial', 1, 0.46, 0.53)]     # kNN 44 ± 2: 42 = 42
+  b = dict(steps=4, batch=8, width=8, depth=1, heads=1, patch=4, decoder_width=8, decoder_depth=1,
+           linear_epochs=1, attentive_epochs=1)
+  text = mt.table(rows, b)
+  assert '| mae | 2 | 41.0 ± 1.0 | 50.0 | - | 1.0 | (the reference) |' in text, text
+  assert '| hpm | 2 | 44.0 ± 1.0 | 52.0 | - | 1.0 | knn, linear |' in text, text
+  assert '| radial | 2 | 44.0 ± 2.0 | 51.0 ± 2.0 | - | 1.0 | none |' in text, text
 
 
 SETTING = '--set=data.crop_scale=(0.35, 1.0)'   # a tuple: stored as a list, read back equal
