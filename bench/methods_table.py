@@ -222,9 +222,8 @@ ESTIMATE_BASIS = (f'pretraining: 5 timed MAE steps on this machine, scaled by ea
 
 
 def pretrain_steps(c, b: dict) -> int:
-  if b['max_train'] and not c.total_steps:
-    return int(round(c.total_epochs * max(b['max_train'] // c.batch_size, 1)))
-  return train.schedule_lengths(c, data_lib.check_source(c.data, c.data.train_split))[0]
+  images = b['max_train'] or data_lib.check_source(c.data, c.data.train_split)
+  return train.schedule_lengths(c, images)[0]
 
 
 def flops_per_step(c) -> float:
