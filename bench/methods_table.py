@@ -42,6 +42,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import step_timer  # noqa: E402
 from configs import cifar10  # noqa: E402
 import data as data_lib  # noqa: E402
 from data import pipeline  # noqa: E402
@@ -233,21 +234,10 @@ def flops_per_step(c) -> float:
 
 
 def seconds_per_flop(c) -> float:
-  """The MAE step's wall seconds per FLOP here: 2 steps to compile and warm, 5 timed."""
-  parts = train.build_parts(c, total_steps=10, warmup_steps=1)
-  mesh = sharding.make_mesh(c.mesh)
-  with sharding.use_mesh(mesh):
-    _, shardings = train.state_shardings(parts, mesh)
-    state = train.init_state(parts, shardings, 0)
-    step = train.jit_train_step(c, parts, mesh, shardings)
-    batch = {'image': jax.random.uniform(jax.random.key(0), (c.batch_size, parts.spec.image_size,
-                                                             parts.spec.image_size, 3))}
-    for i in range(7):
-      if i == 2:
-        t0 = time.perf_counter()
-      state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-  return (time.perf_counter() - t0) / 5 / flops_per_step(c)
+  """The MAE step's median wall seconds per FLOP here (one warm-up step, then 5 timed)."""
+  compiled, state, batch, _, _ = step_timer.compiled_step(c.copy_and_resolve_references(),
+                                                         c.batch_size)
+  return float(np.median(step_timer.time_steps(compiled, state, batch, 5)[0])) / flops_per_step(c)
 
 
 def estimate_minutes(runs, b: dict) -> list[float]:

@@ -17,15 +17,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from mim import flops as flops_lib  # noqa: E402
 from mim import host_memory  # noqa: E402
 from mim import config as config_lib  # noqa: E402
-from mim import sharding, train  # noqa: E402
-from mim import teacher as teacher_lib  # noqa: E402
+from bench.step_timer import compiled_step, time_steps  # noqa: E402,F401  (also read as train_step.*)
 
 flags.DEFINE_enum('model', 'vitb16', ['vitb16', 'vitl16', 'demo', 'tiny32'], 'Which config to time.')
 flags.DEFINE_integer('batch', 8, 'Global batch size.')
@@ -63,48 +60,6 @@ def tune_malloc(cfg) -> None:
 def matmul_peak_gflops() -> float:
   """This device's best 2048^3 jit matmul rate in --dtype, measured now (not the cached figure)."""
   return flops_lib.measure_matmul_peak(FLAGS.dtype if FLAGS.is_parsed() else 'float32') / 1e9
-
-
-def compiled_step(cfg, batch_size: int):
-  """(compiled train step, its state, a synthetic batch, compile seconds, parts) for `cfg`."""
-  cfg.batch_size = batch_size
-  parts = train.build_parts(cfg, total_steps=1000, warmup_steps=100)
-  spec = parts.spec
-  mesh = sharding.make_mesh(cfg.mesh)
-  with sharding.use_mesh(mesh):
-    _, shardings = train.state_shardings(parts, mesh)
-    state = train.init_state(parts, shardings, cfg.seed)
-    images = jax.random.normal(jax.random.key(1), (batch_size, spec.image_size, spec.image_size, 3))
-    batch = {'image': jax.device_put(images, sharding.batch_sharding(mesh))}
-    teacher, teacher_shardings = (), None
-    if parts.frozen:  # a randomly initialized frozen teacher: the same cost as a loaded one
-      _, teacher_shardings = train.frozen_shardings(parts, mesh)
-      size = parts.frozen.spec.image_size
-      init = lambda rng: teacher_lib.frozen_encoder(parts.frozen).init(
-          rng, jnp.zeros((1, size, size, 3)))['params']
-      teacher = (jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=teacher_shardings)(
-          jax.random.key(2)),)
-    step_fn = train.jit_train_step(cfg, parts, mesh, shardings, teacher_shardings)
-    t = time.perf_counter()
-    compiled = step_fn.lower(state, batch, *teacher).compile()
-  compile_s = time.perf_counter() - t
-  if teacher:
-    return (lambda s, b: compiled(s, b, *teacher)), state, batch, compile_s, parts
-  return compiled, state, batch, compile_s, parts
-
-
-def time_steps(compiled, state, batch, steps: int) -> tuple[list[float], dict, object]:
-  """Seconds of each of `steps` steps after one warm-up step, the last metrics and the state
-  (the input state is donated: use the returned one for more steps)."""
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  return times, metrics, state
 
 
 def main(argv):
