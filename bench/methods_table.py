@@ -15,10 +15,11 @@ pretrains the same ViT for the same epochs (in this process, `train.train`, as t
 distil OUT/teacher, the same MAE trained --teacher_epochs. Then each encoder, plus a random-init
 one of the same ViT and raw pixels, is evaluated with the protocols of configs/eval_cifar10.py
 (`--mode=eval`'s pieces: features.extract, knn, probe), on features extracted once per encoder
-(the cls token and the tokens after the final norm): kNN (DINO, k=20) with the 20k train images
-as the bank, the MAE linear probe (BN + linear, LARS, 90 epochs) and the attentive probe (EP,
---attentive_epochs) on cached center-crop features, all on the 10k test images. Raw pixels: kNN
-and linear probe on the 3072 normalized values.
+(the cls token, the mean of the patch tokens and the tokens, after the final norm): kNN (DINO,
+k=20) with the 20k train images as the bank and the MAE linear probe (BN + linear, LARS, 90
+epochs) on the cls token and on the mean (the table ranks --pool's), the attentive probe (EP,
+--attentive_epochs) on the tokens, on cached center-crop features, all on the 10k test images.
+Raw pixels: kNN and linear probe on the 3072 normalized values.
 
 Prints an estimate of the wall time before the first run and the time left after each; records
 per run the pretraining wall and CPU minutes (user + sys of this process and its data workers),
@@ -80,6 +81,9 @@ flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of every other method (>= 2 for a 
 flags.DEFINE_float('teacher_epochs', 0.0, 'Epochs of the MAE teacher the distillation methods '
                    'learn from (pretrained here, same ViT); 0 = 2x --epochs.')
 flags.DEFINE_float('linear_epochs', 90.0, 'Linear probe epochs (cached features).')
+flags.DEFINE_enum('pool', 'cls', ['cls', 'avg'], 'The encoder vector the table ranks by kNN and '
+                  'linear probe: cls (the MAE paper\'s protocol) or avg (the mean of the patch '
+                  'tokens after the final norm). Every run records both.')
 flags.DEFINE_float('attentive_epochs', 10.0, 'Attentive probe epochs (cached tokens).')
 flags.DEFINE_bool('smoke', False, 'Tiny everything (ViT 32x2, 4 steps, 500 / 200 images, 2 probe '
                   'epochs): checks the whole table in 1-2 minutes; the numbers mean nothing.')
@@ -235,7 +239,7 @@ def flops_per_step(c) -> float:
 
 def seconds_per_flop(c) -> float:
   """The MAE step's median wall seconds per FLOP here (one warm-up step, then 5 timed)."""
-  compiled, state, batch, _, _ = step_timer.compiled_step(c.copy_and_resolve_references(),
+  compiled, state, batch, *_ = step_timer.compiled_step(c.copy_and_resolve_references(),
                                                          c.batch_size)
   return float(np.median(step_timer.time_steps(compiled, state, batch, 5)[0])) / flops_per_step(c)
 
@@ -274,35 +278,42 @@ def extract(cfg, model, params, mesh, split: str, subset) -> dict[str, np.ndarra
   what = f'features {split}'
   if model is not None:
     return features.extract(cfg.data, split, subset.indices, model, params, mesh,
-                            pools=('cls', 'tokens'), batch_size=cfg.eval.batch_size, what=what)
+                            pools=('cls', 'avg', 'tokens'), batch_size=cfg.eval.batch_size, what=what)
   batches = pipeline.eval_batches(cfg.data, split, subset.indices, image_size=32,
                                   batch_size=cfg.eval.batch_size)
   return features.stream(_pixels, None, batches, mesh, total=len(subset.indices), what=what)
 
 
 def probe_scores(cfg, model, params, b: dict) -> dict:
-  """kNN / linear / attentive top-1 on the test subset, features extracted once."""
+  """kNN / linear (on the cls token, and as knn_avg / linear_avg on the mean of the patch tokens)
+  / attentive top-1 on the test subset, features extracted once."""
   mesh = sharding.make_mesh(cfg.mesh)
   train_set, test_set = eval_run.subsets(cfg, b['max_train'], b['max_test'])
   fb = extract(cfg, model, params, mesh, cfg.data.train_split, train_set)
   fq = extract(cfg, model, params, mesh, cfg.data.eval_split, test_set)
-  vec = 'cls' if model is not None else 'pixels'
   n = train_set.num_classes
   e = cfg.eval
   out = dict(bank=train_set.description, queries=test_set.description)
-  out['knn'] = knn_lib.knn_accuracy(fb[vec], fb['label'], fq[vec], fq['label'], k=e.knn_k,
-                                    temperature=e.knn_temperature, num_classes=n)
-  for protocol, x in (('linear', vec), ('attentive', 'tokens')):
-    if x not in fb:
-      out[protocol] = None   # raw pixels: no tokens
-      continue
+
+  def probe_top1(protocol, x):
     pc = cfg.probe.copy_and_resolve_references()
     if protocol == 'attentive':
       pc.epochs, pc.warmup_epochs = b['attentive_epochs'], min(pc.warmup_epochs,
                                                                b['attentive_epochs'] / 9)
     head, state, info = probe.train_on_features(protocol, pc, fb[x], fb['label'], n, mesh, cfg.seed)
-    out[protocol] = probe.accuracy_on_features(head, state, fq[x], fq['label'], mesh)['top1']
     out[f'{protocol}_steps'] = info['steps']
+    return probe.accuracy_on_features(head, state, fq[x], fq['label'], mesh)['top1']
+
+  # raw pixels have one vector and no tokens: the same kNN / linear under both names
+  for suffix, x in (('', 'cls'), ('_avg', 'avg')) if model is not None else (('', 'pixels'),):
+    out['knn' + suffix] = knn_lib.knn_accuracy(fb[x], fb['label'], fq[x], fq['label'],
+                                               k=e.knn_k, temperature=e.knn_temperature,
+                                               num_classes=n)
+    out['linear' + suffix] = probe_top1('linear', x)
+  if model is None:
+    out.update(knn_avg=out['knn'], linear_avg=out['linear'], attentive=None)
+  else:
+    out['attentive'] = probe_top1('attentive', 'tokens')
   return out
 
 
@@ -350,7 +361,8 @@ def run_one(name: str, method: str | None, seed: int, b: dict) -> dict:
                          + f' --config.probe.epochs={b["linear_epochs"]:g}'
                          f'   # attentive: --config.eval.protocols=attentive '
                          f'--config.probe.epochs={b["attentive_epochs"]:g}')
-  print(f'{name}: kNN {_pct(r["knn"])} | linear {_pct(r["linear"])} | attentive '
+  print(f'{name}: kNN {_pct(r["knn"])} (avg {_pct(r["knn_avg"])}) | linear {_pct(r["linear"])} '
+        f'(avg {_pct(r["linear_avg"])}) | attentive '
         f'{_pct(r["attentive"])} | pretrain {r["pretrain_cpu_min"]:.1f} CPU min', flush=True)
   with open(result_path, 'w') as f:
     json.dump(r, f, indent=2)
@@ -362,6 +374,7 @@ def _pct(x) -> str:
 
 
 PROBES = ('knn', 'linear', 'attentive')
+VECTORS = {'cls': 'cls token', 'avg': 'mean of the patch tokens'}
 
 
 def _mean_spread(values) -> tuple[float, float] | None:
@@ -380,27 +393,31 @@ def _fmt(ms) -> str:
   return '-' if ms is None else f'{ms[0]:.1f}' + (f' ± {ms[1]:.1f}' if ms[1] else '')
 
 
-def table(rows: list[dict], b: dict) -> str:
+def table(rows: list[dict], b: dict, pool: str = 'cls') -> str:
+  """Markdown: the runs, the methods (mean ± spread, verdict) and MAE's margins; kNN and linear
+  of the encoder vector `pool` (cls | avg)."""
+  col = lambda k: f'{k}_avg' if pool == 'avg' and k != 'attentive' else k
   what = (f'{b["steps"]} steps' if b['steps'] else f'{b["epochs"]:g} epochs') + (
       f' of batch {b["batch"]}; ViT {b["width"]}x{b["depth"]} ({b["heads"]} heads), patch '
       f'{b["patch"]}, '
       f'decoder {b["decoder_width"]}x{b["decoder_depth"]}')
-  lines = [f'Pretraining: {what}. Probes on the frozen encoder: kNN k=20 (cls), linear '
-           f'({b["linear_epochs"]:g} epochs) and attentive ({b["attentive_epochs"]:g} epochs) '
-           f'probes on cached features; top-1 % on {rows[0]["queries"]}.', '',
+  lines = [f'Pretraining: {what}. Probes on the frozen encoder: kNN k=20 and linear '
+           f'({b["linear_epochs"]:g} epochs) on the {VECTORS[pool]}, attentive '
+           f'({b["attentive_epochs"]:g} epochs) on the tokens, on cached features; top-1 % on '
+           f'{rows[0]["queries"]}.', '',
            '| method | seed | kNN | linear | attentive | pretrain CPU min | pretrain wall min |',
            '|---|---|---|---|---|---|---|']
   for r in rows:
     label = LABELS.get(r['method'], r['method'])
     lines.append(f'| {label} | {r["seed"] if "pretrain_command" in r else "-"} | '
-                 f'{_pct(r["knn"])} | {_pct(r["linear"])} | {_pct(r["attentive"])} | '
-                 f'{r["pretrain_cpu_min"]:.1f} | {r["pretrain_wall_min"]:.1f} |')
+                 + ' | '.join(_pct(r[col(k)]) for k in PROBES)
+                 + f' | {r["pretrain_cpu_min"]:.1f} | {r["pretrain_wall_min"]:.1f} |')
   lines += ['', 'Per method, mean ± half the range over seeds; "better than MAE" where the mean '
             'minus its spread clears MAE\'s mean plus its spread:', '',
             '| method | seeds | kNN | linear | attentive | pretrain CPU min | better than MAE on |',
             '|---|---|---|---|---|---|---|']
   methods = list(dict.fromkeys(r['method'] for r in rows))
-  stats = {m: {k: _mean_spread([r[k] for r in rows if r['method'] == m])
+  stats = {m: {k: _mean_spread([r[col(k)] for r in rows if r['method'] == m])
                for k in PROBES} for m in methods}
   for m in methods:
     runs = [r for r in rows if r['method'] == m]
@@ -418,8 +435,8 @@ def table(rows: list[dict], b: dict) -> str:
   if mae and baselines:
     margins = []
     for k in PROBES:
-      base = [r[k] for r in baselines if r[k] is not None]
-      margins.append(f'{k} {100 * (min(r[k] for r in mae) - max(base)):+.1f}')
+      base = [r[col(k)] for r in baselines if r[col(k)] is not None]
+      margins.append(f'{k} {100 * (min(r[col(k)] for r in mae) - max(base)):+.1f}')
     lines += ['', 'MAE\'s worst seed minus the best of raw pixels and random init: '
               + ', '.join(margins)]
   return '\n'.join(lines)
@@ -460,9 +477,9 @@ def main(argv):
     left = sum(minutes[i + 1:]) * (measured / estimated if estimated else 1.0)
     print(f'[{i + 1}/{len(runs)} runs done after {(time.perf_counter() - t_start) / 60:.1f} min; '
           f'about {left:.0f} min left]', flush=True)
-  text = table(rows, b)
+  text = table(rows, b, FLAGS.pool)
   print('\n' + text)
-  summary = dict(budget=b, date=datetime.date.today().isoformat(), cpu=flops_lib.cpu_name(),
+  summary = dict(budget=b, pool=FLAGS.pool, date=datetime.date.today().isoformat(), cpu=flops_lib.cpu_name(),
                  estimated_wall_min=sum(minutes),
                  cores=len(os.sched_getaffinity(0)), devices=jax.device_count(),
                  total_wall_min=(time.perf_counter() - t_start) / 60, rows=rows, markdown=text)

@@ -37,6 +37,7 @@ def methods_table_module():
 def test_better_than_mae_needs_both_spreads_cleared():
   mt = methods_table_module()
   row = lambda method, seed, knn, linear: dict(method=method, seed=seed, knn=knn, linear=linear,
+                                               knn_avg=knn + 0.1, linear_avg=linear - 0.1,
                                                attentive=None, pretrain_cpu_min=1.0,
                                                pretrain_wall_min=1.0, queries='q',
                                                pretrain_command='c')
@@ -49,6 +50,10 @@ def test_better_than_mae_needs_both_spreads_cleared():
   assert '| mae | 2 | 41.0 ± 1.0 | 50.0 | - | 1.0 | (the reference) |' in text, text
   assert '| hpm | 2 | 44.0 ± 1.0 | 52.0 | - | 1.0 | knn, linear |' in text, text
   assert '| radial | 2 | 44.0 ± 2.0 | 51.0 ± 2.0 | - | 1.0 | none |' in text, text
+  avg = mt.table(rows, b, pool='avg')   # the same rule on the mean-pooled readings
+  assert 'on the mean of the patch tokens' in avg and 'on the cls token' in text
+  assert '| mae | 2 | 51.0 ± 1.0 | 40.0 | - | 1.0 | (the reference) |' in avg, avg
+  assert '| hpm | 2 | 54.0 ± 1.0 | 42.0 | - | 1.0 | knn, linear |' in avg, avg
 
 
 SETTING = '--set=data.crop_scale=(0.35, 1.0)'   # a tuple: stored as a list, read back equal
@@ -61,7 +66,7 @@ def test_table_of_mae_and_the_baselines_then_reused(tmp_path):
   names = [r['name'] for r in summary['rows']]
   assert names == ['mae_s0', 'mae_s1', 'random_init', 'pixels']
   for r in summary['rows']:
-    assert 0 <= r['knn'] <= 1 and 0 <= r['linear'] <= 1, r
+    assert all(0 <= r[k] <= 1 for k in ('knn', 'linear', 'knn_avg', 'linear_avg')), r
     assert (r['attentive'] is None) == (r['name'] == 'pixels'), r
     assert (r['pretrain_cpu_min'] > 0) == ('pretrain_command' in r), r
   assert summary['estimated_wall_min'] > 0 and summary['total_wall_min'] > 0
@@ -75,9 +80,14 @@ def test_table_of_mae_and_the_baselines_then_reused(tmp_path):
   mae_row = f'| mae | 2 | {(knn[0] + knn[1]) / 2:.1f}'
   assert mae_row in out and '| (the reference) |' in out, out[-3000:]
   assert "MAE's worst seed minus the best of raw pixels and random init: knn" in out
-  again = run_table(tmp_path, '--methods=mae', SETTING)
+  pixels = summary['rows'][-1]   # one vector: the same readings under both names
+  assert (pixels['knn_avg'], pixels['linear_avg']) == (pixels['knn'], pixels['linear'])
+  again = run_table(tmp_path, '--methods=mae', SETTING, '--pool=avg')
   assert again.stdout.count('reusing') == 4, again.stdout[-2000:]
   assert '4 runs; estimated 0 min' in again.stdout
+  knn = sorted(100 * r['knn_avg'] for r in summary['rows'][:2])   # the table of the other vector
+  assert f'| mae | 2 | {(knn[0] + knn[1]) / 2:.1f}' in again.stdout, again.stdout[-3000:]
+  assert 'on the mean of the patch tokens' in again.stdout
 
 
 @pytest.mark.slow
