@@ -7,7 +7,8 @@ PyTorch's alone. The set-up comes as one JSON argument from bench/run.py, which 
 our config: the ViTMAE config, batch, image size, patch count, lr and weight decay.
 
 The worker protocol (`serve`, which run.py's own worker uses too): one JSON line with the set-up
-figures, then for each line `n` on stdin one JSON line with n step times and the peak RSS.
+figures, then for each line `n` on stdin one JSON line with n step times and the peak RSS, and for
+a line naming one of the worker's commands (run.py's own: `floor`) its JSON answer.
 """
 import json
 import os
@@ -16,11 +17,14 @@ import sys
 import time
 
 
-def serve(run, compile_s: float, info: dict) -> None:
+def serve(run, compile_s: float, info: dict, commands: dict | None = None) -> None:
   print(json.dumps(dict(compile_s=compile_s, **info)), flush=True)
   for line in sys.stdin:
     if not line.strip():
       break
+    if line.strip() in (commands or {}):
+      print(json.dumps(commands[line.strip()]()), flush=True)
+      continue
     times = run(int(line))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(times=times, peak_rss=rss)), flush=True)

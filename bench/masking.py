@@ -48,7 +48,7 @@ def masker_seconds(masking_cfg: ml_collections.ConfigDict, grid, batch: int, rep
 def main(argv):
   del argv
   cfg = train_step.load_config(FLAGS.model)
-  compiled, state, batch, _, parts = train_step.compiled_step(cfg, FLAGS.batch)
+  compiled, state, batch, _, parts, _ = train_step.compiled_step(cfg, FLAGS.batch)
   step_s = statistics.median(train_step.time_steps(compiled, state, batch, FLAGS.steps)[0])
   grid = parts.spec.grid
   print(f'{FLAGS.model} train step, batch {FLAGS.batch}, {grid[0]}x{grid[1]} grid: '

@@ -59,7 +59,7 @@ def main(argv):
   step_bench.tune_malloc(configs['mae'])
   built = {}
   for name, cfg in configs.items():
-    compiled, state, batch, compile_s, parts = step_bench.compiled_step(cfg, FLAGS.batch)
+    compiled, state, batch, compile_s, parts, _ = step_bench.compiled_step(cfg, FLAGS.batch)
     built[name] = dict(compiled=compiled, state=state, batch=batch, compile_s=compile_s,
                        gflop=flops_lib.train_flops_per_image(parts.spec, parts.keep,
                                                              parts.teacher_signals, parts.frozen)

@@ -144,7 +144,7 @@ def profile(compiled, state, batch, steps: int):
 def main(argv):
   del argv
   cfg = bench_step.load_config(FLAGS.model)
-  compiled, state, batch, _, parts = bench_step.compiled_step(cfg, FLAGS.batch)
+  compiled, state, batch, _, parts, _ = bench_step.compiled_step(cfg, FLAGS.batch)
   peak = bench_step.matmul_peak_gflops()
   per_op, ops, wall = profile(compiled, state, batch, FLAGS.steps)
   groups = collections.defaultdict(float)

@@ -11,7 +11,8 @@ from mim import teacher as teacher_lib
 
 
 def compiled_step(cfg, batch_size: int):
-  """(compiled train step, its state, a synthetic batch, compile seconds, parts) for `cfg`."""
+  """(compiled train step, its state, a synthetic batch, compile seconds, parts, its jaxpr) for
+  `cfg`."""
   cfg.batch_size = batch_size
   parts = train.build_parts(cfg, total_steps=1000, warmup_steps=100)
   spec = parts.spec
@@ -31,11 +32,12 @@ def compiled_step(cfg, batch_size: int):
           jax.random.key(2)),)
     step_fn = train.jit_train_step(cfg, parts, mesh, shardings, teacher_shardings)
     t = time.perf_counter()
-    compiled = step_fn.lower(state, batch, *teacher).compile()
+    traced = step_fn.trace(state, batch, *teacher)
+    compiled = traced.lower().compile()
   compile_s = time.perf_counter() - t
   if teacher:
-    return (lambda s, b: compiled(s, b, *teacher)), state, batch, compile_s, parts
-  return compiled, state, batch, compile_s, parts
+    return (lambda s, b: compiled(s, b, *teacher)), state, batch, compile_s, parts, traced.jaxpr
+  return compiled, state, batch, compile_s, parts, traced.jaxpr
 
 
 def time_steps(compiled, state, batch, steps: int) -> tuple[list[float], dict, object]:

@@ -3,10 +3,13 @@
   python bench/train_step.py --model=vitb16 --batch=8 --json
   python bench/train_step.py --model=demo --batch=128
   python bench/train_step.py --model=vitb16 --batch=256 --dtype=bfloat16   # on a GPU/TPU
+  python bench/train_step.py --model=tiny32 --batch=128 --floor   # + the step's matmuls alone
 
 The step is the real one from mim/train.py (masking, MAE forward/backward, AdamW), jitted with
 donated state, on synthetic images. FLOPs are the analytic matmul count (mim/flops.py); the peak
 is measured here as the best f32 jit matmul rate (2048^3), so the ratio is an honest MFU.
+--floor also times every matmul of the step alone (bench/matmul_floor.py) and prints the share of
+that floor the step reaches.
 """
 import json
 import os
@@ -22,6 +25,7 @@ import jax  # noqa: E402
 from mim import flops as flops_lib  # noqa: E402
 from mim import host_memory  # noqa: E402
 from mim import config as config_lib  # noqa: E402
+from bench import matmul_floor  # noqa: E402
 from bench.step_timer import compiled_step, time_steps  # noqa: E402,F401  (also read as train_step.*)
 
 flags.DEFINE_enum('model', 'vitb16', ['vitb16', 'vitl16', 'demo', 'tiny32'], 'Which config to time.')
@@ -32,6 +36,7 @@ flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype (bfl
 flags.DEFINE_bool('keep_freed_memory', None, 'glibc reuses freed memory instead of page-faulting '
                   'XLA\'s CPU buffers anew every step (mim/host_memory.py). Default: the '
                   'config\'s keep_freed_host_memory, as main.py.')
+flags.DEFINE_bool('floor', False, 'Also time each matmul of the step alone (bench/matmul_floor.py).')
 FLAGS = flags.FLAGS
 
 CONFIGS = {'vitb16': 'configs/mae_vitb.py', 'vitl16': 'configs/mae_vitl.py', 'demo': 'configs/demo.py',
@@ -66,7 +71,7 @@ def main(argv):
   del argv
   cfg = load_config(FLAGS.model)
   tune_malloc(cfg)
-  compiled, state, batch, compile_s, parts = compiled_step(cfg, FLAGS.batch)
+  compiled, state, batch, compile_s, parts, jaxpr = compiled_step(cfg, FLAGS.batch)
   spec = parts.spec
   xla_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
   times, metrics, _ = time_steps(compiled, state, batch, FLAGS.steps)
@@ -87,6 +92,14 @@ def main(argv):
         f'{gflop:.1f} GFLOP/step analytic ({result["xla_gflop_per_step"]} XLA), '
         f'{result["gflops_per_sec"]} GFLOP/s = {100 * result["peak_fraction"]:.1f}% of the '
         f'{peak:.0f} GFLOP/s matmul peak; compile {compile_s:.1f} s')
+  if FLAGS.floor:
+    f = matmul_floor.floor(jaxpr)
+    result.update(floor_s=round(f['seconds'], 4), own_shape_gflops=round(f['gflops'], 1),
+                  floor_fraction=round(f['seconds'] / sec, 4), matmul_shapes=f['shapes'])
+    print(f'\n{len(f["shapes"])} dot shapes, {sum(s["count"] for s in f["shapes"])} dots, '
+          f'{f["gflop"]:.1f} GFLOP:\n\n{matmul_floor.markdown(f)}\n\nmatmul floor '
+          f'{f["seconds"]:.3f} s ({f["gflops"]:.0f} GFLOP/s on the step\'s own shapes): the step '
+          f'reaches {100 * f["seconds"] / sec:.0f}% of it')
   if FLAGS.json:
     print(json.dumps(result))
 
