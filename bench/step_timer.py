@@ -10,9 +10,9 @@ from mim import sharding, train
 from mim import teacher as teacher_lib
 
 
-def compiled_step(cfg, batch_size: int):
-  """(compiled train step, its state, a synthetic batch, compile seconds, parts, its jaxpr) for
-  `cfg`."""
+def traced_step(cfg, batch_size: int):
+  """(the traced train step of `cfg`, its state, a synthetic batch, the frozen teacher's params
+  as a tuple of 0 or 1, parts, trace seconds); traced but not compiled."""
   cfg.batch_size = batch_size
   parts = train.build_parts(cfg, total_steps=1000, warmup_steps=100)
   spec = parts.spec
@@ -33,8 +33,16 @@ def compiled_step(cfg, batch_size: int):
     step_fn = train.jit_train_step(cfg, parts, mesh, shardings, teacher_shardings)
     t = time.perf_counter()
     traced = step_fn.trace(state, batch, *teacher)
-    compiled = traced.lower().compile()
-  compile_s = time.perf_counter() - t
+  return traced, state, batch, teacher, parts, time.perf_counter() - t
+
+
+def compiled_step(cfg, batch_size: int):
+  """(compiled train step, its state, a synthetic batch, compile seconds, parts, its jaxpr) for
+  `cfg`."""
+  traced, state, batch, teacher, parts, trace_s = traced_step(cfg, batch_size)
+  t = time.perf_counter()
+  compiled = traced.lower().compile()
+  compile_s = trace_s + time.perf_counter() - t
   if teacher:
     return (lambda s, b: compiled(s, b, *teacher)), state, batch, compile_s, parts, traced.jaxpr
   return compiled, state, batch, compile_s, parts, traced.jaxpr

@@ -49,8 +49,9 @@ def test_dot_flops_of_batch_free_and_contracted_dims():
 
 def test_mae_step_dots_match_the_analytic_count():
   cfg = config_lib.load('configs/demo.py')
-  _, _, _, _, parts, jaxpr = step_timer.compiled_step(cfg, 8)
-  counted = sum(matmul_floor.dot_flops(d) * n for d, n in matmul_floor.step_dots(jaxpr).items())
+  traced, _, _, _, parts, _ = step_timer.traced_step(cfg, 8)
+  counted = sum(matmul_floor.dot_flops(d) * n
+                for d, n in matmul_floor.step_dots(traced.jaxpr).items())
   analytic = 8 * flops_lib.train_flops_per_image(parts.spec, parts.keep)
   # The analytic 3x forward also counts a dx of the patch embedding, which no step computes: a
   # missing backward (-2/3), a custom VJP's rule left out, or a nested jit counted twice would
