@@ -2,7 +2,8 @@
 
   python bench/methods_table.py --smoke            # everything, tiny: 1-2 minutes
   python bench/methods_table.py --out=DIR          # the recipe's budget, 3 + 2 seeds: many hours
-  python bench/methods_table.py --epochs=3 --mae_seeds=0,1 --seeds=0 --out=DIR   # ~80 minutes
+  python bench/methods_table.py --epochs=3 --width=128 --decoder_width=64 --mae_seeds=0,1 \
+    --seeds=0 --out=DIR   # the README's 3-epoch table of ViT 128x4: ~80 minutes
   python bench/methods_table.py --methods=mae --mae_seeds=0 --epochs=10 --set=optim.base_lr=3e-3
 
 Budget: the recipe of configs/cifar10.py (epochs, batch, ViT and decoder sizes, and every other

@@ -3,7 +3,7 @@
 Command:
   python main.py --mode=eval --config=configs/eval_cifar10.py --config.init_from=W --workdir=W
   python main.py --mode=eval --config=configs/eval_cifar10.py --config.init_from=random \
-    --workdir=W_random --config.model.width=128 ...                # the baseline (model.* as W's)
+    --workdir=W_random --config.model.width=256 ...                # the baseline (model.* as W's)
 Data: the .npz subset of configs/cifar10.py: all 20k train images are the kNN bank and the probes'
   train set, all 10k test images the queries / test set (chance 10%).
 Protocols: kNN (DINO: cosine, T=0.07, k=10/20/200, cls token); linear and attentive probes with
@@ -19,8 +19,8 @@ from mim import config as config_lib
 def get_config(arg=None):
   del arg
   c = config_lib.default_config()
-  c.model.update(dict(variant='', image_size=32, patch_size=4, width=128, depth=4, num_heads=4,
-                      decoder_width=64, decoder_depth=2, decoder_heads=2))
+  c.model.update(dict(variant='', image_size=32, patch_size=4, width=256, depth=4, num_heads=4,
+                      decoder_width=128, decoder_depth=2, decoder_heads=4))
   c.data.update(dict(name='npz', data_dir='../shared/datasets/cifar10', train_split='train_*.npz',
                      eval_split='test.npz', num_workers=0))
   c.mesh.update(dict(data=-1, fsdp=1))
