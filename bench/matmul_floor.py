@@ -7,9 +7,9 @@ teacher pass; the calls, custom-VJP rules and remat bodies it holds), groups the
 dimension numbers and dtypes, and times one of each alone (a jit of that dot on random inputs,
 best of `reps`). The floor is the sum of those times over every dot the step runs: what the step
 would take if it were its matmuls and nothing else, each at the rate XLA reaches on that shape
-here (less the cost of a jit call, which the step's dots do not pay). `floor / step time` is the share of XLA's own-shape matmul rate the whole step reaches, a
-criterion of bench/run.py (a 2048^3 rate flatters the small-K shapes of a ViT-Ti, which no kernel
-runs as fast). No flags here, so bench/run.py's worker and the tests import it.
+here (less the cost of a jit call, which the step's dots do not pay). `floor / step time` is the
+share of XLA's own-shape matmul rate the whole step reaches, a criterion of bench/run.py (a
+2048^3 rate flatters the small-K shapes of a ViT-Ti, which no kernel runs as fast). No flags here, so bench/run.py's worker and the tests import it.
 """
 import collections
 import functools
@@ -17,6 +17,8 @@ import math
 import time
 
 import jax
+
+from mim import flops as flops_lib
 
 # (lhs shape, rhs shape, ((lhs contracting, rhs contracting), (lhs batch, rhs batch)),
 #  lhs dtype, rhs dtype, output dtype)
@@ -59,16 +61,6 @@ def dot_flops(dot: Dot) -> float:
   return 2.0 * batch * contract * lhs_free * rhs_free
 
 
-def _best_seconds(f, args, reps: int) -> float:
-  f(*args).block_until_ready()
-  best = float('inf')
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(*args).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
 def time_dot(dot: Dot, reps: int) -> float:
   """Best seconds of the dot alone, jitted, on random inputs of its shapes and dtypes, less the
   call's own cost (a jit reading one value of each input): inside the step a dot pays no Python
@@ -78,8 +70,8 @@ def time_dot(dot: Dot, reps: int) -> float:
                                 preferred_element_type=out_dtype))
   ka, kb = jax.random.split(jax.random.key(0))
   args = (jax.random.normal(ka, lhs).astype(lhs_dtype), jax.random.normal(kb, rhs).astype(rhs_dtype))
-  call = _best_seconds(jax.jit(lambda a, b: a.ravel()[0] + b.ravel()[0]), args, reps)
-  return max(_best_seconds(f, args, reps) - call, 1e-7)
+  call = flops_lib.best_seconds(jax.jit(lambda a, b: a.ravel()[0] + b.ravel()[0]), args, reps)
+  return max(flops_lib.best_seconds(f, args, reps) - call, 1e-7)
 
 
 def floor(jaxpr, reps: int = 5) -> dict:

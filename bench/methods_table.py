@@ -279,7 +279,8 @@ def extract(cfg, model, params, mesh, split: str, subset) -> dict[str, np.ndarra
   what = f'features {split}'
   if model is not None:
     return features.extract(cfg.data, split, subset.indices, model, params, mesh,
-                            pools=('cls', 'avg', 'tokens'), batch_size=cfg.eval.batch_size, what=what)
+                            pools=('cls', 'avg', 'tokens'), batch_size=cfg.eval.batch_size,
+                            what=what)
   batches = pipeline.eval_batches(cfg.data, split, subset.indices, image_size=32,
                                   batch_size=cfg.eval.batch_size)
   return features.stream(_pixels, None, batches, mesh, total=len(subset.indices), what=what)

@@ -110,19 +110,23 @@ def table_peak(device_kind: str, dtype: str = 'bfloat16') -> float | None:
   return None if peaks is None else peaks[0 if dtype == 'bfloat16' else 1]
 
 
+def best_seconds(f, args: tuple, reps: int) -> float:
+  """The best wall seconds of `f(*args)` (a jitted function) over `reps` calls after a warm-up."""
+  f(*args).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(*args).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
 def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, reps: int = 7) -> float:
   """This backend's best n^3 matmul rate (FLOP/s) on one device: what a perfectly efficient
   step could reach."""
   import jax, jax.numpy as jnp  # noqa: E401 (local: keeps this module light for the planner)
   x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  best = float('inf')
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n ** 3 / best_seconds(jax.jit(lambda a: a @ a), (x,), reps)
 
 
 def cpu_matmul_peak(dtype: str = 'float32') -> float:
