@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -37,8 +38,9 @@ RUN = ['--config.total_steps=200', '--config.checkpoint_every_steps=20']
 
 
 def committed_steps(workdir) -> list[int]:
-  path = os.path.join(workdir, 'checkpoints')
-  return sorted(int(d) for d in paths.listdir(path) if d.isdigit()) if paths.isdir(path) else []
+  """Steps Orbax counts as finished: on gs:// the step folder exists while it is being written,
+  and only its commit_success.txt makes it a checkpoint (a kill before it leaves nothing to resume)."""
+  return sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
 
 
 @pytest.fixture(scope='module')
