@@ -94,25 +94,27 @@ def _flat_init(init, num_in_axes: int):
 
 
 class Projection(nn.Module):
-  """An einsum of the input with a (flax DenseGeneral layout) kernel of `kernel_shape`, plus a
-  bias of `bias_shape` broadcast along `bias_expand` (an output axis it lacks, or None)."""
-  equation: str
+  """A dense layer over x's last `num_in_axes` axes whose kernel keeps flax's DenseGeneral layout
+  `kernel_shape` (input axes, then output axes: what checkpoints and the interop hold) but runs as
+  one 2-D matmul on its (fan_in, fan_out) view. As an einsum on the multi-axis kernel, XLA copied
+  each attention kernel into another layout every step (ViT-B MAE step 5% slower)."""
   kernel_shape: tuple[int, ...]
   num_in_axes: int
   kernel_init: Any
   kernel_axes: tuple
   bias_axes: tuple
-  bias_expand: Optional[int] = None
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', _logical(_flat_init(self.kernel_init, self.num_in_axes),
                                            self.kernel_axes), self.kernel_shape)
-    bias_shape = self.kernel_shape[self.num_in_axes:]
-    bias = self.param('bias', _logical(nn.initializers.zeros, self.bias_axes), bias_shape)
-    if self.bias_expand is not None:
-      bias = jnp.expand_dims(bias, self.bias_expand)
-    return jnp.einsum(self.equation, x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+    out_shape = self.kernel_shape[self.num_in_axes:]
+    bias = self.param('bias', _logical(nn.initializers.zeros, self.bias_axes), out_shape)
+    fan_in = int(np.prod(self.kernel_shape[:self.num_in_axes]))
+    lead = x.shape[:x.ndim - self.num_in_axes]
+    y = (x.reshape(*lead, fan_in) @ kernel.reshape(fan_in, -1).astype(x.dtype)
+         + bias.reshape(-1).astype(x.dtype))
+    return y.reshape(*lead, *out_shape)
 
 
 @jax.custom_vjp
@@ -148,9 +150,9 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with separate query/key/value/out kernels (flax/big_vision layout).
 
-  Heads come before tokens, (B, H, L, Dh), from the projections on: both attention matmuls are
-  then plain batched matmuls. jax.nn.dot_product_attention on (B, L, H, Dh) cost ViT-B's MAE
-  step ~2.5x more in attention (transposes and a 5-D softmax around its einsums; bench/step_profile.py).
+  The attention itself runs heads-first, (B, H, L, Dh): both of its matmuls are then plain batched
+  matmuls. jax.nn.dot_product_attention on (B, L, H, Dh) cost ViT-B's MAE step ~2.5x more in
+  attention (transposes and a 5-D softmax around its einsums; bench/step_profile.py).
   """
   num_heads: int
 
@@ -158,8 +160,8 @@ class MultiHeadDotProductAttention(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    q, k, v = (Projection('bld,dhk->bhlk', (width, self.num_heads, head_dim), 1, QKV_INIT,
-                          ('embed', 'heads', 'kv'), ('heads', 'kv'), bias_expand=1, name=name)(x)
+    q, k, v = (Projection((width, self.num_heads, head_dim), 1, QKV_INIT, ('embed', 'heads', 'kv'),
+                          ('heads', 'kv'), name=name)(x).transpose(0, 2, 1, 3)
                for name in ('query', 'key', 'value'))
     y = attention(q, k, v)
     if self.is_mutable_collection('attention'):
@@ -169,8 +171,8 @@ class MultiHeadDotProductAttention(nn.Module):
       self.sow('attention', 'cls_to_patches',
                jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :, 1:].mean(axis=1))
     y = nn.with_logical_constraint(y, ('batch', 'act_heads', 'length', None))
-    return Projection('bhlk,hkd->bld', (self.num_heads, head_dim, width), 2, XAVIER,
-                      ('heads', 'kv', 'embed'), ('embed',), name='out')(y)
+    return Projection((self.num_heads, head_dim, width), 2, XAVIER, ('heads', 'kv', 'embed'),
+                      ('embed',), name='out')(y.transpose(0, 2, 1, 3))
 
 
 def _layer_norm(name=None):
