@@ -4,8 +4,10 @@ import os
 import shutil
 import tempfile
 
+from tests import launch  # noqa: E402  (imports no jax)
+
 # Must happen before jax is imported anywhere.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('XLA_FLAGS', launch.xla_flags(8))
 # One persistent compilation cache for this test run and the processes it starts: the tests
 # compile the same small steps again and again (every resume, every subprocess run), and a cache
 # hit returns the executable XLA built the first time, so results are unchanged. Fresh per run.

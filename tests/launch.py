@@ -10,6 +10,17 @@ from mim import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420
+
+
+def xla_flags(devices: int) -> str:
+  """The tests' XLA flags: `devices` simulated CPU devices, and LLVM at -O0 (XLA's backend level
+  0). The tests compile far more than they compute: -O0 takes a third off the in-process tests
+  and a quarter off a tiny main.py run. The HLO passes (fusion, layouts, sharding) are the same;
+  floats can differ from the default level in the last bit, so every bitwise comparison of the
+  tests compares runs under these same flags. The README commands run at the default level."""
+  return f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
+
+
 # A tiny MAE on the embedded digits: each step takes milliseconds, compiling a few seconds.
 TINY = [
     '--config.batch_size=16', '--config.log_every_steps=1', '--config.reconstruction_every_steps=0',
@@ -22,7 +33,7 @@ TINY = [
 
 
 def launch(workdir, *args, devices: int = 1, env=None) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              MIM_INIT_TIMEOUT_S='120', **(env or {}))
   cmd = [sys.executable, 'main.py', '--config=configs/demo.py', f'--workdir={workdir}', *TINY,
          *args]

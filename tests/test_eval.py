@@ -280,7 +280,7 @@ def test_prenorm_pools_read_the_last_block_output():
 
 def _main_eval(init_from: str, workdir: str, *overrides: str) -> dict[str, dict]:
   """Runs `main.py --mode=eval` (configs/eval_demo.py, 2 devices); returns the json results."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, XLA_FLAGS=launch.xla_flags(2))
   proc = subprocess.run(
       [sys.executable, 'main.py', '--mode=eval', '--config=configs/eval_demo.py',
        f'--config.init_from={init_from}', f'--workdir={workdir}', '--config.eval.batch_size=64',

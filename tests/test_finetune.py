@@ -375,7 +375,7 @@ def test_finetune_sigkill_then_rerun_is_bitwise_exact(tmp_path):
   from tests import launch  # pylint: disable=g-import-not-at-top
 
   def start(workdir):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    env = dict(os.environ, XLA_FLAGS=launch.xla_flags(2))
     return subprocess.Popen([sys.executable, 'main.py', f'--workdir={workdir}', *FINETUNE_CLI],
                             cwd=launch.ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
