@@ -4,7 +4,7 @@ import os
 import shutil
 import tempfile
 
-from tests import launch  # noqa: E402  (imports no jax)
+from tests import launch  # imports no jax
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault('XLA_FLAGS', launch.xla_flags(8))

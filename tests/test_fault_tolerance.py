@@ -39,7 +39,8 @@ RUN = ['--config.total_steps=200', '--config.checkpoint_every_steps=20']
 
 def committed_steps(workdir) -> list[int]:
   """Steps Orbax counts as finished: on gs:// the step folder exists while it is being written,
-  and only its commit_success.txt makes it a checkpoint (a kill before it leaves nothing to resume)."""
+  and only its commit_success.txt makes it a checkpoint (a kill before that leaves nothing to
+  resume)."""
   return sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
 
 
