@@ -1,9 +1,10 @@
 """Orbax checkpoints of the train state, the grain iterator position and the resolved config.
 
 Layout: <workdir>/checkpoints/<step>/{state, data_iter, config}. Saves are asynchronous. Orbax
-writes a step into a temporary directory and renames it to <step> only once complete, and it
-deletes old steps (max_to_keep) only after the new one is committed, so a crash mid-save leaves
-the previous checkpoint intact.
+writes a step into a temporary directory and renames it to <step> only once complete (on gs://
+it writes <step> in place and marks it complete with commit_success.txt), and it deletes old
+steps (max_to_keep) only after the new one is committed, so a crash mid-save leaves the previous
+checkpoint intact. The unfinished save is named and removed when the run starts again.
 
 On restore, three failures are told apart:
 - a checkpoint that is readable but does not fit this config (tree structure, shapes, dtypes,
@@ -41,13 +42,24 @@ class CheckpointMismatch(CheckpointError):
   """A readable checkpoint that does not fit the current config (left untouched)."""
 
 
-def manager(directory: str, max_to_keep: int = 3, keep_every_steps: int = 0
-            ) -> ocp.CheckpointManager:
+def manager(directory: str, max_to_keep: int = 3, keep_every_steps: int = 0,
+            remove_unfinished: bool = False) -> ocp.CheckpointManager:
   """A manager for `directory` (local or gs://; Orbax needs it absolute); `keep_every_steps` > 0
-  also keeps every step divisible by it, beyond the `max_to_keep` most recent."""
-  return ocp.CheckpointManager(paths.absolute(directory), options=ocp.CheckpointManagerOptions(
+  also keeps every step divisible by it, beyond the `max_to_keep` most recent.
+
+  `remove_unfinished` is for the run that owns `directory`, as it starts: saves that a kill cut
+  off before Orbax committed them (a local <step>.orbax-checkpoint-tmp-* folder, a gs:// <step>
+  folder without commit_success.txt) hold no usable checkpoint; each is named, then deleted.
+  Left alone, a local one would keep its disk space for good. Never for a directory another
+  process may be writing (an init_from source, a watched workdir)."""
+  directory = paths.absolute(directory)
+  if remove_unfinished and jax.process_index() == 0:
+    for unfinished in ocp.utils.tmp_checkpoints(directory):
+      print(f'Removing {unfinished.get()}: a save cut off before it was committed (it holds no '
+            'usable checkpoint).', flush=True)
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, keep_period=keep_every_steps or None,
-      enable_async_checkpointing=True, create=True))
+      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=remove_unfinished))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter, config: dict) -> None:

@@ -321,7 +321,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dic
           start_batch=start_batch))
 
     mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), cfg.max_to_keep,
-                            cfg.keep_every_steps)
+                            cfg.keep_every_steps, remove_unfinished=True)
     teacher_args, teacher_shardings = (), None   # the frozen teacher: read once, never saved
     if parts.frozen:
       if mngr.latest_step() is not None:  # a changed teacher file stops the resume

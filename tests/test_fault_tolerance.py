@@ -151,6 +151,24 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(storage):
   assert 'No readable checkpoint' in out and 'Traceback' not in out
 
 
+def test_unfinished_save_is_named_and_removed_on_restart(storage):
+  """A save cut off mid-write, as Orbax leaves it on each storage, beside a committed step: the
+  restart names it, deletes it and resumes from the committed step."""
+  workdir = f'{storage}/run'
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  launch.run(workdir, '--config.total_steps=3', '--config.checkpoint_every_steps=3')
+  # local: a temporary folder Orbax had not yet renamed; gs://: the step folder, not committed
+  unfinished = os.path.join(checkpoints, '9' if paths.is_remote(workdir)
+                            else f'9{ocp.utils.TMP_DIR_SUFFIX}-1765000000')
+  paths.write_bytes(os.path.join(unfinished, 'state', 'manifest.ocdbt'), b'half a save')
+  assert committed_steps(workdir) == [3]  # Orbax itself does not count it
+  out = launch.run(workdir, '--config.total_steps=6', '--config.checkpoint_every_steps=3')
+  assert f'Removing {unfinished}: a save cut off before it was committed' in out, out[-2000:]
+  assert 'Resumed from' in out and 'checkpoints/3' in out
+  assert not paths.exists(unfinished) and committed_steps(workdir) == [3, 6]
+  assert sorted(paths.listdir(checkpoints)) == ['3', '6']
+
+
 HUGE_LR = ['--config.optim.base_lr=1e33', '--config.optim.warmup_steps=0',
            '--config.total_steps=6', '--config.checkpoint_every_steps=1']
 

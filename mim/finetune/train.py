@@ -284,7 +284,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
           start_batch=start_batch, augment=augment))
 
     mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), cfg.max_to_keep,
-                            cfg.keep_every_steps)
+                            cfg.keep_every_steps, remove_unfinished=True)
     latest, state, train_iter, iter_restored = ckpt_lib.restore_latest(
         mngr, abstract_state, make_data_iter, config=cfg.to_dict())
     if is_main:
