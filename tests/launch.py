@@ -65,6 +65,14 @@ def metrics(workdir) -> list[dict]:
           if line.endswith('\n')]
 
 
+def committed_steps(workdir) -> list[int]:
+  """The steps of a (local or gs://) workdir that Orbax counts as finished checkpoints. A step
+  folder is not one: on gs:// it exists while it is written, and only its commit_success.txt
+  makes it a checkpoint (a kill before that leaves nothing to resume)."""
+  import orbax.checkpoint as ocp  # here: conftest sets XLA_FLAGS before jax is imported
+  return sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
+
+
 def copy_tree(source: str, target: str) -> None:
   """Copies every file below `source` to the same place below `target`; either may be gs://."""
   for name in paths.files_under(source):

@@ -37,13 +37,6 @@ def wait_for_rows(proc, workdir, rows: int, timeout_s: float = 300):
 RUN = ['--config.total_steps=200', '--config.checkpoint_every_steps=20']
 
 
-def committed_steps(workdir) -> list[int]:
-  """Steps Orbax counts as finished: on gs:// the step folder exists while it is being written,
-  and only its commit_success.txt makes it a checkpoint (a kill before that leaves nothing to
-  resume)."""
-  return sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory) -> str:
   """A local workdir of RUN without interruption: the reference of both storage variants."""
@@ -61,7 +54,7 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(uninterrupted, s
   print(f'MIM_FAULT_SEED={seed}: SIGKILL after {kill_after} logged steps')
   proc = launch.launch(killed, *RUN, devices=2)
   wait_for_rows(proc, killed, kill_after)
-  while not committed_steps(killed):  # so that the restart really resumes
+  while not launch.committed_steps(killed):  # so that the restart really resumes
     assert proc.poll() is None, 'the run finished before it could be killed'
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
@@ -161,11 +154,11 @@ def test_unfinished_save_is_named_and_removed_on_restart(storage):
   unfinished = os.path.join(checkpoints, '9' if paths.is_remote(workdir)
                             else f'9{ocp.utils.TMP_DIR_SUFFIX}-1765000000')
   paths.write_bytes(os.path.join(unfinished, 'state', 'manifest.ocdbt'), b'half a save')
-  assert committed_steps(workdir) == [3]  # Orbax itself does not count it
+  assert launch.committed_steps(workdir) == [3]  # Orbax itself does not count it
   out = launch.run(workdir, '--config.total_steps=6', '--config.checkpoint_every_steps=3')
   assert f'Removing {unfinished}: a save cut off before it was committed' in out, out[-2000:]
   assert 'Resumed from' in out and 'checkpoints/3' in out
-  assert not paths.exists(unfinished) and committed_steps(workdir) == [3, 6]
+  assert not paths.exists(unfinished) and launch.committed_steps(workdir) == [3, 6]
   assert sorted(paths.listdir(checkpoints)) == ['3', '6']
 
 
@@ -178,7 +171,7 @@ def test_nan_policy_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   out = launch.run(workdir, *HUGE_LR, expect_rc=2)
   assert 'NaN/Inf at step' in out and 'Traceback' not in out
   bad_step = int(out.split('NaN/Inf at step ')[1].split()[0])
-  saved = committed_steps(workdir)
+  saved = launch.committed_steps(workdir)
   assert saved and max(saved) < bad_step
   assert f'last good checkpoint is step {max(saved)}' in out
   params = params_of(workdir)

@@ -386,9 +386,7 @@ def test_finetune_sigkill_then_rerun_is_bitwise_exact(tmp_path):
   kill_after = random.Random(seed).randint(30, 140)
   proc = start(killed)
   deadline = time.time() + launch.TIMEOUT_S
-  checkpoints = os.path.join(killed, 'checkpoints')
-  committed = lambda: os.path.isdir(checkpoints) and any(map(str.isdigit, os.listdir(checkpoints)))
-  while len(launch.metrics(killed)) < kill_after or not committed():  # then the rerun resumes
+  while len(launch.metrics(killed)) < kill_after or not launch.committed_steps(killed):
     assert proc.poll() is None, f'MIM_FAULT_SEED={seed}: the run ended before the kill'
     assert time.time() < deadline, f'MIM_FAULT_SEED={seed}: no progress'
     time.sleep(0.01)
