@@ -1,5 +1,9 @@
 """bench/matmul_floor.py: the dots of a jaxpr counted against hand counts, and of the real MAE step
 against mim/flops.py's analytic count; the floor's arithmetic."""
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +12,7 @@ import pytest
 from bench import matmul_floor, step_timer
 from mim import config as config_lib
 from mim import flops as flops_lib
+from tests import launch
 
 
 def test_dots_of_nested_jits_scans_conds_and_the_backward():
@@ -69,3 +74,26 @@ def test_floor_sums_each_shape_times_its_count():
   assert f['seconds'] == pytest.approx(sum(s['count'] * s['ms'] for s in f['shapes']) / 1e3)
   assert f['gflops'] == pytest.approx(f['gflop'] / f['seconds'])
   assert '| 2 | (64, 32) | (32, 32) |' in matmul_floor.markdown(f)
+
+
+def test_run_criteria_read_each_goal_at_its_threshold():
+  """bench/run.py's met / not met rows, at the thresholds (its absl flags would clash with other
+  bench modules' in this process: it runs in its own). Catches a goal column read for another
+  (floor share vs speedup), a comparison the wrong way, the AMD row shown where it does not
+  apply, or a case without a goal given rows."""
+  case = lambda name, floor_fraction, speedup: dict(
+      case=name, model=name, batch=8, speedup=speedup, round_speedups=[speedup - 0.1, speedup],
+      floor_fraction=floor_fraction, floor_s=1.0, own_shape_gflops=100.0, ours_s=1.2)
+  results = [case('vitb16:8', 0.80, 1.49), case('tiny32:128', 0.549, 1.2), case('demo:128', 0, 0)]
+  script = ('import json, sys; sys.path.insert(0, "bench"); import run; '
+            f'r = {results!r}; print(json.dumps([run.criteria(r, 1.0), run.criteria(r, 2.0)]))')
+  res = subprocess.run([sys.executable, '-c', script], cwd=launch.ROOT, capture_output=True,
+                       text=True, check=True)
+  slow, fast = json.loads(res.stdout.strip().splitlines()[-1])
+  assert [(r['case'], r['met']) for r in slow] == [
+      ('vitb16:8, 8', True), ('vitb16:8, 8', True), ('tiny32:128, 8', False),
+      ('tiny32:128, 8', True)]
+  assert [(r['met'], r['criterion'].split(' (')[0]) for r in fast[2:3] + fast[5:]] == [
+      (False, '>= 1.5x'), (True, '>= 1.2x')]
+  assert len(fast) == 6 and '80%' in slow[0]['criterion']
+  assert '(rounds 1.39-1.49)' in slow[1]['figure']
