@@ -1,5 +1,5 @@
 """bench/matmul_floor.py: the dots of a jaxpr counted against hand counts, and of the real MAE step
-against mim/flops.py's analytic count; the floor's arithmetic."""
+against mim/flops.py's analytic count; the floor's arithmetic; bench/run.py's goal rows on it."""
 import json
 import subprocess
 import sys
