@@ -28,6 +28,8 @@ the final loss, seed and commands; prints a table of the runs and one of the met
 the range over seeds, and the probes on which a method is better than MAE: its mean minus its
 spread above MAE's mean plus its spread), and writes OUT/methods_table.json. A run whose
 OUT/<name>/result.json exists with the same budget is not redone (an interrupted table continues).
+A pretraining run stopped by SIGTERM / SIGINT saves its checkpoint and stops the table unprobed;
+rerun the same command to resume it (OUT/<name>/pretrain_time.json adds up the minutes of the parts).
 """
 import ast
 import datetime
@@ -338,12 +340,25 @@ def run_one(name: str, method: str | None, seed: int, b: dict) -> dict:
     cfg = pretrain_config(method, seed, b)
     r['pretrain_command'] = pretrain_command(method, seed, workdir, b)
     print(f'\n=== {name}: {r["pretrain_command"]}', flush=True)
+    spent_path = os.path.join(workdir, 'pretrain_time.json')   # the parts a signal cut
+    spent = dict(wall_min=0.0, cpu_min=0.0)
+    if os.path.exists(spent_path):
+      with open(spent_path) as f:
+        spent = json.load(f)
     t0, c0 = time.perf_counter(), cpu_seconds()
     state, metrics = train.train(cfg, workdir)
-    r.update(pretrain_wall_min=(time.perf_counter() - t0) / 60,
-             pretrain_cpu_min=(cpu_seconds() - c0) / 60, final_loss=metrics.get('loss'),
-             steps=int(state.step))
+    spent = dict(wall_min=spent['wall_min'] + (time.perf_counter() - t0) / 60,
+                 cpu_min=spent['cpu_min'] + (cpu_seconds() - c0) / 60)
+    with open(spent_path, 'w') as f:
+      json.dump(spent, f)
+    steps, total = int(state.step), pretrain_steps(cfg, b)
     del state
+    if steps < total:   # SIGTERM / SIGINT: train saved and returned; never probe a partial run
+      raise SystemExit(f'{name}: pretraining stopped after step {steps} of {total} (checkpoint '
+                       f'kept); not probed, no result written. Rerun the same command to resume '
+                       f'it: its recorded minutes add up the parts.')
+    r.update(pretrain_wall_min=spent['wall_min'], pretrain_cpu_min=spent['cpu_min'],
+             final_loss=metrics.get('loss'), steps=steps)
   init_from = {'random_init': 'random', 'pixels': 'random'}.get(name, workdir)
   cfg = eval_config(b, init_from)
   t0 = time.perf_counter()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -54,6 +55,32 @@ def test_better_than_mae_needs_both_spreads_cleared():
   assert 'on the mean of the patch tokens' in avg and 'on the cls token' in text
   assert '| mae | 2 | 51.0 ± 1.0 | 40.0 | - | 1.0 | (the reference) |' in avg, avg
   assert '| hpm | 2 | 54.0 ± 1.0 | 42.0 | - | 1.0 | knn, linear |' in avg, avg
+
+
+def test_a_stopped_pretraining_stops_the_table_unprobed_and_resumes_with_its_minutes(
+    tmp_path, monkeypatch):
+  """SIGTERM makes train.train save and return early: probing that partial encoder and caching
+  its result.json would pass it off as the budget's; and the resumed part alone is not the run's
+  cost."""
+  mt = methods_table_module()
+  mt.FLAGS(['methods_table', '--smoke', f'--out={tmp_path}'])
+  b = mt.budget()
+  total = mt.pretrain_steps(mt.pretrain_config('mae', 0, b), b)
+  cpu_clock = iter([0.0, 60.0, 100.0, 160.0])   # each part's start and end: one CPU minute each
+  monkeypatch.setattr(mt, 'cpu_seconds', lambda: next(cpu_clock))
+  step_reached = iter([1, total])
+  monkeypatch.setattr(mt.train, 'train', lambda cfg, workdir: (
+      types.SimpleNamespace(step=next(step_reached)), {'loss': 0.5}))
+  monkeypatch.setattr(mt.eval_run, 'load_encoder', lambda *args: (None, None, None))
+  scores = dict(knn=0.4, knn_avg=0.4, linear=0.5, linear_avg=0.5, attentive=0.6)
+  monkeypatch.setattr(mt, 'probe_scores', lambda *args: dict(scores))
+  with pytest.raises(SystemExit, match=f'mae_s0: pretraining stopped after step 1 of {total}'):
+    mt.run_one('mae_s0', 'mae', 0, b)
+  assert not (tmp_path / 'mae_s0' / 'result.json').exists()
+  r = mt.run_one('mae_s0', 'mae', 0, b)
+  assert r['steps'] == total and r['pretrain_cpu_min'] == pytest.approx(2.0), r
+  with open(tmp_path / 'mae_s0' / 'result.json') as f:
+    assert json.load(f)['pretrain_cpu_min'] == pytest.approx(2.0)
 
 
 SETTING = '--set=data.crop_scale=(0.35, 1.0)'   # a tuple: stored as a list, read back equal
