@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 def run_shell(command: str) -> str:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # as a user's shell has it
+  env = dict(os.environ, XLA_FLAGS=launch.xla_flags(1))   # one device, as a user's shell has it
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env['PATH']  # `python` = this one
   proc = subprocess.run(['bash', '-c', command], cwd=launch.ROOT, env=env, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=launch.TIMEOUT_S)
