@@ -71,10 +71,22 @@ def gcs_bucket(tmp_path_factory):
       os.environ[k] = v
 
 
+def _storage_root(request, tmp_path) -> str:
+  if request.param == 'local':
+    return str(tmp_path)
+  return f'{request.getfixturevalue("gcs_bucket")}/{uuid.uuid4().hex[:12]}'
+
+
 @pytest.fixture(params=['local', 'gs'])
 def storage(request, tmp_path) -> str:
   """A root for workdirs, once on the local disk and once as a fresh prefix of the emulator's
   bucket: the tests that take it run on both."""
-  if request.param == 'local':
-    return str(tmp_path)
-  return f'{request.getfixturevalue("gcs_bucket")}/{uuid.uuid4().hex[:12]}'
+  return _storage_root(request, tmp_path)
+
+
+@pytest.fixture(params=['local', pytest.param('gs', marks=pytest.mark.slow)])
+def storage_gs_slow(request, tmp_path) -> str:
+  """`storage` with its gs:// variant in the slow set (`-m slow`): for tests whose gs:// paths
+  (saving, the commit marker, listing, reading a workdir's config and state) the default run
+  already takes through the SIGKILL, unfinished-save, init_from_state and export tests."""
+  return _storage_root(request, tmp_path)

@@ -31,8 +31,8 @@ def source(tmp_path_factory):
   return workdir, {r['step']: r['loss'] for r in launch.metrics(continued) if r['step'] > 40}
 
 
-def test_changed_state_config_stops_and_touches_nothing(source, storage):
-  workdir = f'{storage}/run'
+def test_changed_state_config_stops_and_touches_nothing(source, storage_gs_slow):
+  workdir = f'{storage_gs_slow}/run'
   launch.copy_tree(source[0], workdir)
   before = snapshot(os.path.join(workdir, 'checkpoints'))
   out = launch.run(workdir, *RUN, CLIP, expect_rc=2)

@@ -70,8 +70,8 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(uninterrupted, s
   assert_trees_equal(params_of(killed), params_of(reference))
 
 
-def test_sigterm_saves_the_current_step_and_exits_zero(storage):
-  workdir = f'{storage}/run'
+def test_sigterm_saves_the_current_step_and_exits_zero(storage_gs_slow):
+  workdir = f'{storage_gs_slow}/run'
   proc = launch.launch(workdir, '--config.total_steps=100000',
                        '--config.checkpoint_every_steps=100000', devices=2)
   wait_for_rows(proc, workdir, 3)
@@ -127,8 +127,8 @@ def corrupt(step_dir):
     paths.write_bytes(os.path.join(state, name), data[:len(data) // 2])
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(storage):
-  workdir = f'{storage}/run'
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(storage_gs_slow):
+  workdir = f'{storage_gs_slow}/run'
   args = ['--config.total_steps=6', '--config.checkpoint_every_steps=3']
   launch.run(workdir, *args)
   reference = launch.metrics(workdir)
