@@ -17,8 +17,9 @@ def xla_flags(devices: int) -> str:
   0). The tests compile far more than they compute: -O0 takes a third off the in-process tests
   and a quarter off a tiny main.py run. The HLO passes (fusion, layouts, sharding) are the same;
   floats can differ from the default level in the last bit, so every bitwise comparison of the
-  tests compares runs under these same flags. The README commands get them too (with one device,
-  as a user's shell has); the methods-table smoke test compiles at the default level."""
+  tests compares runs under these same flags. The README commands get them too (one device, as a
+  user's shell has; its multi-process line sets its own XLA_FLAGS and so compiles at the default
+  level, as does the methods-table smoke test)."""
   return f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
 
 
@@ -30,7 +31,7 @@ TINY = [
     '--config.model.width=32', '--config.model.depth=2', '--config.model.num_heads=2',
     '--config.model.decoder_width=16', '--config.model.decoder_depth=1',
     '--config.model.decoder_heads=2',
-    '--config.peak_tflops_per_device=1',   # MFU's peak given, not measured (1-8 s a run)
+    '--config.peak_tflops_per_device=1',   # MFU's peak given: no timed 2048^3 matmul per run
 ]
 
 
