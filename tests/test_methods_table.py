@@ -18,7 +18,7 @@ def run_table(out, *flags: str) -> subprocess.CompletedProcess:
                                                      'datasets'))
   if not os.path.exists(os.path.join(root, 'cifar10', 'test.npz')):
     pytest.skip(f'no CIFAR-10 subset at {root}/cifar10 (set MIM_DATASETS)')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=launch.xla_flags(1))   # one device, as a user's shell has it
   proc = subprocess.run([sys.executable, 'bench/methods_table.py', '--smoke', f'--out={out}',
                          *flags], cwd=launch.ROOT, env=env, capture_output=True, text=True,
                         timeout=launch.TIMEOUT_S)
