@@ -2,9 +2,11 @@
 
 Every `python main.py` command in the README's code blocks that runs on the embedded data (the
 demo config, export, the multi-process launch) is run in a temporary directory: workdirs and
-output paths are redirected there, and training commands get a few steps. Commands that need
-ImageNet or a pod are left out by that rule, and the test checks that the kinds it must cover
-(train, summary, the three export formats, init_from, multi-process) were all found."""
+output paths are redirected there, training commands get a few steps, and every command compiles
+with the tests' XLA flags (launch.xla_flags; the multi-process line keeps its device count).
+Commands that need ImageNet or a pod are left out by that rule, and the test checks that the
+kinds it must cover (train, summary, the three export formats, init_from, multi-process) were all
+found."""
 import os
 import re
 import socket
@@ -70,6 +72,9 @@ def test_readme_commands_run_as_written(tmp_path):
     command = command.replace('--config.teacher.weights=workdirs/demo',   # the README's teacher
                               f'--config.teacher.weights={trained}')
     command = command.replace('out/', f'{tmp_path}/out/').replace('29500', str(free_port()))
+    # the multi-process line's own device count, compiled like every other test run
+    command = re.sub(r'XLA_FLAGS=--xla_force_host_platform_device_count=(\d+)',
+                     lambda m: f"XLA_FLAGS='{launch.xla_flags(int(m.group(1)))}'", command)
     out = run_shell(command)
     assert 'Traceback' not in out and 'leaked shared_memory' not in out, out[-3000:]
     kinds.add('multiprocess' if command.startswith('for i in') else
