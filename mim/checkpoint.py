@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from mim import paths
 
@@ -34,9 +35,11 @@ TRANSIENT_RETRIES = 3
 # default off GPU). Cutting a slice is one device op: below about 1 MiB it costs more than the
 # write it shares (a tiny test model on 8 simulated CPU devices: ~2,500 slices, 5 s a save).
 # Smaller slices are written whole by the first replica; the files read back the same either way.
+# (The registry's own `add`: the public register_type_handler logs a warning on every start.)
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True,
+    ignore_warnings=True)
 # Config sections that shape the train state: listed first among the differing keys.
 STATE_SECTIONS = ('model', 'optim', 'targets', 'masking', 'teacher', 'loss_predictor', 'finetune')
 
