@@ -21,8 +21,8 @@ def xla_flags(devices: int) -> str:
   the same; floats can differ from the default flags in the last bit, so every bitwise comparison
   of the tests compares runs under these same flags. The README commands get them too (one
   device, as a user's shell has; its multi-process line keeps its own device count), and so does
-  the methods-table smoke test. A jaxlib without one of these
-  flags stops at start with "Unknown flag in XLA_FLAGS"."""
+  the methods-table smoke test. A jaxlib without one of these flags stops at start with "Unknown
+  flag in XLA_FLAGS"."""
   return (f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
           ' --xla_cpu_use_fusion_emitters=false')
 
