@@ -39,13 +39,27 @@ TINY = [
 ]
 
 
+def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
+  """This process's environment for a child with `devices` simulated CPU devices under the
+  tests' XLA flags (one device is what a user's shell has)."""
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices), **extra)
+
+
+def start(cmd: list[str], devices: int = 1, **extra_env: str) -> subprocess.Popen:
+  """Starts `cmd` in the repository root; its stdout and stderr come back as one text stream."""
+  return subprocess.Popen(cmd, cwd=ROOT, env=child_env(devices, **extra_env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_checked(cmd: list[str], devices: int = 1) -> str:
+  """Runs `cmd` to its end (see `start`); fails the test unless it exits 0. Returns its output."""
+  return finish(start(cmd, devices))
+
+
 def launch(workdir, *args, devices: int = 1, env=None) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-             MIM_INIT_TIMEOUT_S='120', **(env or {}))
   cmd = [sys.executable, 'main.py', '--config=configs/demo.py', f'--workdir={workdir}', *TINY,
          *args]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return start(cmd, devices, MIM_INIT_TIMEOUT_S='120', **(env or {}))
 
 
 def finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
@@ -54,8 +68,8 @@ def finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
   except subprocess.TimeoutExpired:
     proc.kill()
     out, _ = proc.communicate()
-    pytest.fail(f'process timed out:\n{out[-3000:]}')
-  assert proc.returncode == expect_rc, out[-3000:]
+    pytest.fail(f'process timed out: {proc.args}\n{out[-3000:]}')
+  assert proc.returncode == expect_rc, f'{proc.args}\n{out[-3000:]}'
   return out
 
 

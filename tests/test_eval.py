@@ -280,17 +280,14 @@ def test_prenorm_pools_read_the_last_block_output():
 
 def _main_eval(init_from: str, workdir: str, *overrides: str) -> dict[str, dict]:
   """Runs `main.py --mode=eval` (configs/eval_demo.py, 2 devices); returns the json results."""
-  env = dict(os.environ, XLA_FLAGS=launch.xla_flags(2))
-  proc = subprocess.run(
+  out = launch.run_checked(
       [sys.executable, 'main.py', '--mode=eval', '--config=configs/eval_demo.py',
        f'--config.init_from={init_from}', f'--workdir={workdir}', '--config.eval.batch_size=64',
-       '--config.probe.num_queries=8', *overrides], cwd=launch.ROOT, env=env,
-      capture_output=True, text=True, timeout=launch.TIMEOUT_S)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+       '--config.probe.num_queries=8', *overrides], devices=2)
   files = sorted(os.listdir(os.path.join(workdir, 'eval')))
   assert files == ['attentive.json', 'knn.json', 'linear.json']
-  lines = proc.stdout.splitlines()
-  assert f'Evaluating {init_from} (ViT 32x2, patch 4, 16 px) on 2 device(s)' in proc.stdout
+  lines = out.splitlines()
+  assert f'Evaluating {init_from} (ViT 32x2, patch 4, 16 px) on 2 device(s)' in out
   assert sum(l.startswith('knn ') for l in lines) == 6  # cls and avg, k = 10, 20, 200
   assert any(l.startswith('linear probe: top-1 ') for l in lines)
   assert any(l.startswith('attentive probe: top-1 ') for l in lines)

@@ -369,16 +369,12 @@ def test_finetune_sigkill_then_rerun_is_bitwise_exact(tmp_path):
   command logs the same losses and evaluations as an uninterrupted one."""
   import random  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   from tests import launch  # pylint: disable=g-import-not-at-top
 
   def start(workdir):
-    env = dict(os.environ, XLA_FLAGS=launch.xla_flags(2))
-    return subprocess.Popen([sys.executable, 'main.py', f'--workdir={workdir}', *FINETUNE_CLI],
-                            cwd=launch.ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return launch.start([sys.executable, 'main.py', f'--workdir={workdir}', *FINETUNE_CLI], 2)
 
   reference, killed = str(tmp_path / 'reference'), str(tmp_path / 'killed')
   launch.finish(start(reference))

@@ -32,12 +32,12 @@ def test_dots_of_nested_jits_scans_conds_and_the_backward():
   jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))((w1, w2), jnp.ones((32, 8)))
   dots = matmul_floor.step_dots(jaxpr)
   # Hand count of forward + backward (the gradient is of ws: no dx for the input x):
-  layer = 2 * 32 * 8 * 16        # in the jit: forward, dW
+  jitted = 2 * 32 * 8 * 16       # in the jit: forward, dW
   scan = 2 * 32 * 16 * 16        # 3 steps: forward, dc (the eye is a constant: no dW)
   cond = 2 * 32 * 16 * 4         # its dot branch, not the slice: forward, dh, dW
   batched = 2 * 4 * 8 * 8 * 4    # forward and a gradient for each operand
   counted = sum(matmul_floor.dot_flops(d) * n for d, n in dots.items())
-  assert counted == 2 * layer + 2 * 3 * scan + 3 * cond + 3 * batched
+  assert counted == 2 * jitted + 2 * 3 * scan + 3 * cond + 3 * batched
   assert sum(dots.values()) == 2 + 6 + 3 + 3
   assert sum(n for d, n in dots.items() if d[2][1] == ((0,), (0,))) == 3   # the batched einsum
 

@@ -4,7 +4,6 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import types
 
@@ -13,17 +12,13 @@ import pytest
 from tests import launch
 
 
-def run_table(out, *flags: str) -> subprocess.CompletedProcess:
+def run_table(out, *flags: str) -> str:
   root = os.environ.get('MIM_DATASETS', os.path.join(os.path.dirname(launch.ROOT), 'shared',
                                                      'datasets'))
   if not os.path.exists(os.path.join(root, 'cifar10', 'test.npz')):
     pytest.skip(f'no CIFAR-10 subset at {root}/cifar10 (set MIM_DATASETS)')
-  env = dict(os.environ, XLA_FLAGS=launch.xla_flags(1))   # one device, as a user's shell has it
-  proc = subprocess.run([sys.executable, 'bench/methods_table.py', '--smoke', f'--out={out}',
-                         *flags], cwd=launch.ROOT, env=env, capture_output=True, text=True,
-                        timeout=launch.TIMEOUT_S)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
+  return launch.run_checked([sys.executable, 'bench/methods_table.py', '--smoke', f'--out={out}',
+                             *flags])
 
 
 @functools.cache   # its absl flags can be defined once per process
@@ -87,7 +82,7 @@ SETTING = '--set=data.crop_scale=(0.35, 1.0)'   # a tuple: stored as a list, rea
 
 
 def test_table_of_mae_and_the_baselines_then_reused(tmp_path):
-  proc = run_table(tmp_path, '--methods=mae', SETTING)
+  out = run_table(tmp_path, '--methods=mae', SETTING)
   with open(tmp_path / 'methods_table.json') as f:
     summary = json.load(f)
   names = [r['name'] for r in summary['rows']]
@@ -97,7 +92,6 @@ def test_table_of_mae_and_the_baselines_then_reused(tmp_path):
     assert (r['attentive'] is None) == (r['name'] == 'pixels'), r
     assert (r['pretrain_cpu_min'] > 0) == ('pretrain_command' in r), r
   assert summary['estimated_wall_min'] > 0 and summary['total_wall_min'] > 0
-  out = proc.stdout
   assert "'--config.data.crop_scale=(0.35, 1.0)'" in summary['rows'][0]['pretrain_command']
   with open(tmp_path / 'mae_s0' / 'config.json') as f:
     assert json.load(f)['data']['crop_scale'] == [0.35, 1.0]   # the run had the setting
@@ -110,17 +104,17 @@ def test_table_of_mae_and_the_baselines_then_reused(tmp_path):
   pixels = summary['rows'][-1]   # one vector: the same readings under both names
   assert (pixels['knn_avg'], pixels['linear_avg']) == (pixels['knn'], pixels['linear'])
   again = run_table(tmp_path, '--methods=mae', SETTING, '--pool=avg')
-  assert again.stdout.count('reusing') == 4, again.stdout[-2000:]
-  assert '4 runs; estimated 0 min' in again.stdout
+  assert again.count('reusing') == 4, again[-2000:]
+  assert '4 runs; estimated 0 min' in again
   knn = sorted(100 * r['knn_avg'] for r in summary['rows'][:2])   # the table of the other vector
-  assert f'| mae | 2 | {(knn[0] + knn[1]) / 2:.1f}' in again.stdout, again.stdout[-3000:]
-  assert 'on the mean of the patch tokens' in again.stdout
+  assert f'| mae | 2 | {(knn[0] + knn[1]) / 2:.1f}' in again, again[-3000:]
+  assert 'on the mean of the patch tokens' in again
 
 
 @pytest.mark.slow
 def test_every_method(tmp_path):
-  proc = run_table(tmp_path)
-  assert '| mrmae | 1 |' in proc.stdout and 'one seed: no spread to judge' in proc.stdout
+  out = run_table(tmp_path)
+  assert '| mrmae | 1 |' in out and 'one seed: no spread to judge' in out
   with open(tmp_path / 'methods_table.json') as f:
     names = [r['name'] for r in json.load(f)['rows']]
   assert names == ['mae_s0', 'mae_s1', 'teacher', 'colormae_s0', 'blockmask_s0', 'radial_s0',

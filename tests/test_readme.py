@@ -11,7 +11,6 @@ import os
 import re
 import socket
 import stat
-import subprocess
 import sys
 
 from tests import launch
@@ -44,12 +43,8 @@ def free_port() -> int:
 
 
 def run_shell(command: str) -> str:
-  env = dict(os.environ, XLA_FLAGS=launch.xla_flags(1))   # one device, as a user's shell has it
-  env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env['PATH']  # `python` = this one
-  proc = subprocess.run(['bash', '-c', command], cwd=launch.ROOT, env=env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=launch.TIMEOUT_S)
-  assert proc.returncode == 0, f'{command}\n{proc.stdout[-3000:]}'
-  return proc.stdout
+  path = os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']  # `python` = this one
+  return launch.finish(launch.start(['bash', '-c', command], PATH=path))
 
 
 def test_readme_commands_run_as_written(tmp_path):
