@@ -223,10 +223,13 @@ def eval_config(b: dict, init_from: str):
 
 
 
-EVAL_MIN = 2.0   # the probes of one ViT 128x4 on the 30k images, 2 AMD EPYC cores, 2026-12-06
-ESTIMATE_BASIS = (f'pretraining: 5 timed MAE steps on this machine, scaled by each method\'s '
-                  f'analytic FLOPs and steps; probes: {EVAL_MIN:g} min per ViT 128x4 encoder on '
-                  '30k images on 2 cores, scaled by images, width^2 x depth and cores')
+# What probe_flops leaves out, a run's kNN and linear probes (their steps take little compute but
+# a millisecond each) and the compiles: 2 AMD EPYC cores, 2026-12-07, ViT 256x4 and raw pixels.
+LINEAR_MIN_PER_STEP = 0.4 / 7020   # 90 epochs of 20k at batch 256: 0.2-0.5 min
+PROBE_COMPILE_MIN = 0.1
+ESTIMATE_BASIS = ('5 timed MAE steps on this machine give seconds per FLOP; they time each '
+                  'method\'s analytic pretraining FLOPs and the probes\' (feature extraction, '
+                  'attentive head); kNN, linear and compiles add 0.5 min a run at full size')
 
 
 def pretrain_steps(c, b: dict) -> int:
@@ -253,17 +256,34 @@ def estimate_minutes(runs, b: dict) -> list[float]:
   todo = [not os.path.exists(os.path.join(FLAGS.out, name, 'result.json')) for name, _, _ in runs]
   if not any(todo):
     return [0.0] * len(runs)
-  pretraining = any(needed and method for (_, method, _), needed in zip(runs, todo))
-  sec = seconds_per_flop(pretrain_config('mae', 0, b)) if pretraining else 0.0
-  images = (b['max_train'] or 20_000) + (b['max_test'] or 10_000)
-  probes = (EVAL_MIN * images / 30_000 * b['width'] ** 2 * b['depth'] / (128 ** 2 * 4)
-            * 2 / len(os.sched_getaffinity(0)))
+  encoders = any(needed and name != 'pixels' for (name, _, _), needed in zip(runs, todo))
+  mae = pretrain_config('mae', 0, b)
+  sec = seconds_per_flop(mae) if encoders else 0.0
+  pc = eval_config(b, init_from='').probe
+  bank = b['max_train'] or data_lib.check_source(mae.data, mae.data.train_split)
+  queries = b['max_test'] or data_lib.check_source(mae.data, mae.data.eval_split)
+  baseline = PROBE_COMPILE_MIN + probe.schedule_lengths(pc, bank)[0] * LINEAR_MIN_PER_STEP
+  encoder = baseline + probe_flops(mae, pc, b, bank, queries) * sec / 60
   out = []
-  for (_, method, seed), needed in zip(runs, todo):
+  for (name, method, seed), needed in zip(runs, todo):
     c = pretrain_config(method, seed, b) if method else None
     pretrain = pretrain_steps(c, b) * flops_per_step(c) * sec / 60 if c else 0.0
-    out.append(needed * (probes + pretrain))
+    out.append(needed * (pretrain + (baseline if name == 'pixels' else encoder)))
   return out
+
+
+def probe_flops(c, pc, b: dict, bank: int, queries: int) -> float:
+  """The probes' FLOPs for one encoder of config `c` (probe config `pc`): its forward over every
+  patch of the bank and the queries (features extracted once) + the attentive head's training
+  (forward and backward)."""
+  spec = train.build_parts(c, total_steps=1, warmup_steps=0).spec
+  pc = pc.copy_and_resolve_references()
+  pc.epochs = b['attentive_epochs']
+  steps = probe.schedule_lengths(pc, bank)[0]
+  head = flops_lib.attentive_probe_flops(spec.num_patches, spec.width, pc.num_queries,
+                                         pc.value_divisor)
+  return ((bank + queries) * flops_lib.encoder_forward_flops(spec, spec.num_patches)
+          + 3 * steps * pc.batch_size * head)
 
 
 def cpu_seconds() -> float:

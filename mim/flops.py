@@ -21,11 +21,23 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> floa
   return depth * per_block
 
 
+def encoder_forward_flops(spec: ModelSpec, num_keep: int) -> float:
+  """Forward FLOPs of the encoder for one image that keeps `num_keep` patches (all embedded)."""
+  return (2 * spec.num_patches * spec.patch_dim * spec.width                      # patch embedding
+          + transformer_flops(1 + num_keep, spec.width, spec.depth, spec.mlp_dim))
+
+
+def attentive_probe_flops(tokens: int, width: int, num_queries: int, value_divisor: int) -> float:
+  """Forward FLOPs of the attentive probe's head (heads.AttentiveHead) on one example's tokens:
+  query scores, the value projection, each query's weighted sum of its slice of the values."""
+  values = width // value_divisor
+  return 2 * num_queries * tokens * width + 2 * tokens * width * values + 2 * tokens * values
+
+
 def mae_forward_flops(spec: ModelSpec, num_keep: int) -> float:
   """Forward FLOPs for one image."""
   n, k = spec.num_patches, num_keep
-  return (2 * n * spec.patch_dim * spec.width                                     # patch embedding
-          + transformer_flops(1 + k, spec.width, spec.depth, spec.mlp_dim)             # encoder
+  return (encoder_forward_flops(spec, k)
           + 2 * (1 + k) * spec.width * spec.decoder_width                         # decoder embed
           + transformer_flops(1 + n, spec.decoder_width, spec.decoder_depth, spec.decoder_mlp_dim)
           + 2 * (1 + n) * spec.decoder_width * spec.patch_dim)                    # pixel head
@@ -65,8 +77,7 @@ def train_flops_per_image(spec: ModelSpec, num_keep: int,
   n = spec.num_patches
   student = mae_forward_flops(spec, num_keep)
   if not spec.decoder:
-    student = 2 * n * spec.patch_dim * spec.width + transformer_flops(
-        1 + num_keep, spec.width, spec.depth, spec.mlp_dim)
+    student = encoder_forward_flops(spec, num_keep)
   if spec.loss_predictor:
     student += _loss_predictor(spec)
   if spec.feature_head:
@@ -77,8 +88,7 @@ def train_flops_per_image(spec: ModelSpec, num_keep: int,
   if frozen is not None:
     teacher = frozen_teacher_flops(frozen, n)
   elif teacher_signals:
-    teacher = 2 * n * spec.patch_dim * spec.width + transformer_flops(1 + n, spec.width, spec.depth,
-                                                                 spec.mlp_dim)
+    teacher = encoder_forward_flops(spec, n)
     if 'predicted_loss' in teacher_signals:
       teacher += 2 * (1 + n) * spec.width * spec.decoder_width + _loss_predictor(spec)
   return 3 * student + teacher

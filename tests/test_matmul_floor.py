@@ -65,6 +65,31 @@ def test_mae_step_dots_match_the_analytic_count():
   assert counted < analytic
 
 
+def test_probe_dots_match_the_analytic_counts():
+  """bench/methods_table.py's probe estimate: the encoder on every patch and the attentive head
+  (cls token left out, values D -> D / d_out), against the dots their jaxprs hold. Counting the
+  cls token as an attentive key, or the kept patches of training instead of all, fails."""
+  from flax import linen as nn
+  from mim.evaluate import heads
+  from mim.models import mae
+  spec = mae.ModelSpec(32, 4, 64, 2, 4, 128, 32, 1, 4, 64)
+  model, images = mae.MAE(spec), jax.ShapeDtypeStruct((3, 32, 32, 3), jnp.float32)
+  encode = lambda p, x: model.apply({'params': p}, x, method=mae.MAE.encode)
+  enc_params = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.key(0), jnp.zeros(images.shape), method=mae.MAE.encode)['params']))
+  dots = matmul_floor.step_dots(jax.make_jaxpr(encode)(enc_params, images).jaxpr)
+  counted = sum(matmul_floor.dot_flops(d) * n for d, n in dots.items())
+  assert counted == 3 * flops_lib.encoder_forward_flops(spec, spec.num_patches)
+
+  head = heads.AttentiveHead(num_classes=10, num_queries=4, value_divisor=2)
+  tokens = jnp.zeros((3, 1 + spec.num_patches, 64))
+  variables = head.init(jax.random.key(0), tokens, train=False)
+  jaxpr = jax.make_jaxpr(lambda v, t: head.apply(v, t, train=False))(variables, tokens).jaxpr
+  counted = sum(matmul_floor.dot_flops(d) * n for d, n in matmul_floor.step_dots(jaxpr).items())
+  classifier = 2 * (64 // 2) * 10
+  assert counted == 3 * (flops_lib.attentive_probe_flops(spec.num_patches, 64, 4, 2) + classifier)
+
+
 def test_floor_sums_each_shape_times_its_count():
   fn = lambda a, b, c: ((a @ b) @ c).sum() + (a @ b).sum()   # (64,32)@(32,32) twice, then @ c
   jaxpr = jax.make_jaxpr(fn)(jnp.ones((64, 32)), jnp.ones((32, 32)), jnp.ones((32, 16)))
