@@ -39,21 +39,17 @@ TINY = [
 ]
 
 
-def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
-  """This process's environment for a child with `devices` simulated CPU devices under the
-  tests' XLA flags (one device is what a user's shell has)."""
-  return dict(os.environ, XLA_FLAGS=xla_flags(devices), **extra)
-
-
 def start(cmd: list[str], devices: int = 1, **extra_env: str) -> subprocess.Popen:
-  """Starts `cmd` in the repository root; its stdout and stderr come back as one text stream."""
-  return subprocess.Popen(cmd, cwd=ROOT, env=child_env(devices, **extra_env),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  """Starts `cmd` in the repository root with `devices` simulated CPU devices under the tests'
+  XLA flags (one is what a user's shell has); stdout and stderr come back as one text stream."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), **extra_env)
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
-def run_checked(cmd: list[str], devices: int = 1) -> str:
+def run_checked(cmd: list[str], devices: int = 1, **extra_env: str) -> str:
   """Runs `cmd` to its end (see `start`); fails the test unless it exits 0. Returns its output."""
-  return finish(start(cmd, devices))
+  return finish(start(cmd, devices, **extra_env))
 
 
 def launch(workdir, *args, devices: int = 1, env=None) -> subprocess.Popen:

@@ -44,7 +44,7 @@ def free_port() -> int:
 
 def run_shell(command: str) -> str:
   path = os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']  # `python` = this one
-  return launch.finish(launch.start(['bash', '-c', command], PATH=path))
+  return launch.run_checked(['bash', '-c', command], PATH=path)
 
 
 def test_readme_commands_run_as_written(tmp_path):
