@@ -229,7 +229,8 @@ LINEAR_MIN_PER_STEP = 0.4 / 7020   # 90 epochs of 20k at batch 256: 0.2-0.5 min
 PROBE_COMPILE_MIN = 0.1
 ESTIMATE_BASIS = ('5 timed MAE steps on this machine give seconds per FLOP; they time each '
                   'method\'s analytic pretraining FLOPs and the probes\' (feature extraction, '
-                  'attentive head); kNN, linear and compiles add 0.5 min a run at full size')
+                  f'attentive head); kNN, linear and compiles add '
+                  f'{PROBE_COMPILE_MIN + 7020 * LINEAR_MIN_PER_STEP:.1f} min a run at full size')
 
 
 def pretrain_steps(c, b: dict) -> int:
