@@ -45,9 +45,10 @@ def main(argv):
   del argv
   if not FLAGS['verbosity'].present:  # library INFO chatter (orbax, jax) drowns the progress lines
     logging.set_verbosity(logging.WARNING)
-  if FLAGS.config is not None and FLAGS.config.get('keep_freed_host_memory', False):
+  if FLAGS.config is not None:  # before jax starts its CPU threads (see mim/host_memory.py)
     from mim import host_memory
-    host_memory.keep_freed_memory()  # before jax starts its CPU threads (see mim/host_memory.py)
+    host_memory.set_up(FLAGS.config.get('mimalloc', False),
+                       FLAGS.config.get('keep_freed_host_memory', False))
   from mim import sharding  # after flag parsing: keeps --help fast
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, FLAGS.distributed)

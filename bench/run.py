@@ -55,7 +55,7 @@ def _ours(model: str, batch: int):
   import jax
   from mim import flops as flops_lib
   cfg = step_bench.load_config(model)
-  step_bench.tune_malloc(cfg)
+  allocator = step_bench.tune_malloc(cfg)
   compiled, state, data, compile_s, parts, jaxpr = step_bench.compiled_step(cfg, batch)
   box = {'state': state}
 
@@ -70,7 +70,7 @@ def _ours(model: str, batch: int):
 
   run(1)  # the first call allocates the donated buffers' successors
   gflop = flops_lib.train_flops_per_image(parts.spec, parts.keep) * batch / 1e9
-  return run, compile_s, dict(gflop_per_step=gflop, keep=parts.keep,
+  return run, compile_s, dict(gflop_per_step=gflop, keep=parts.keep, allocator=allocator,
                               num_patches=parts.spec.num_patches), {
                                   'floor': lambda: matmul_floor.floor(jaxpr)}
 
@@ -91,9 +91,10 @@ class Worker:
   def __init__(self, kind: str, case: str):
     here = os.path.dirname(os.path.abspath(__file__))
     model, batch = case.split(':')
-    keep = [] if FLAGS.keep_freed_memory is None else [
-        f'--keep_freed_memory={FLAGS.keep_freed_memory}']
-    command = ([os.path.join(here, 'run.py'), f'--worker_case={case}'] + keep if kind == 'ours' else
+    allocator = [f'--{name}={FLAGS[name].value}' for name in ('mimalloc', 'keep_freed_memory')
+                 if FLAGS[name].value is not None]
+    command = ([os.path.join(here, 'run.py'), f'--worker_case={case}'] + allocator
+               if kind == 'ours' else
                [os.path.join(here, 'hf_step.py'), json.dumps(hf_setup(model, int(batch)))])
     self.proc = subprocess.Popen(
         [sys.executable] + command,
@@ -153,6 +154,7 @@ def measure_case(case: str, rounds: int, steps: int) -> dict:
               hf_first_step_s=round(setup['hf']['compile_s'], 1),
               ours_rss_gib=round(rss['ours'] / 2**30, 2), hf_rss_gib=round(rss['hf'] / 2**30, 2),
               keep=setup['ours']['keep'], num_patches=setup['ours']['num_patches'],
+              ours_allocator=setup['ours']['allocator'],
               floor_s=round(matmuls['seconds'], 4), own_shape_gflops=round(matmuls['gflops'], 1),
               floor_fraction=round(matmuls['seconds'] / sec['ours'], 3),
               matmul_shapes=matmuls['shapes'])
@@ -235,8 +237,9 @@ def main(argv):
         f'{FLAGS.rounds} alternating rounds x {FLAGS.per_round} steps; 2048^3 matmul '
         f'{peak:.0f} GFLOP/s in XLA, {torch_peak:.0f} in torch')
   print('\n| model, batch | HF ViTMAE s/step | ours s/step | speedup (per round) | ours img/s | ours GFLOP/s '
-        '(% of matmul) | matmul floor s (% of the step) | ours compile s | peak RSS ours / HF GiB |')
-  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+        '(% of matmul) | matmul floor s (% of the step) | ours compile s | peak RSS ours / HF GiB '
+        '| ours on |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---|')
   for r in results:
     r['ours_peak_fraction'] = round(r['ours_gflops'] / peak, 3)
     print(f'| {r["model"]}, {r["batch"]} | {r["hf_s"]:.3f} ({r["hf_range"][0]}-{r["hf_range"][1]}) '
@@ -244,7 +247,8 @@ def main(argv):
           f'({min(r["round_speedups"]):.2f}-{max(r["round_speedups"]):.2f}) '
           f'| {r["ours_img_s"]} | {r["ours_gflops"]} ({100 * r["ours_peak_fraction"]:.0f}%) '
           f'| {r["floor_s"]:.3f} ({100 * r["floor_fraction"]:.0f}%) '
-          f'| {r["ours_compile_s"]} | {r["ours_rss_gib"]} / {r["hf_rss_gib"]} |')
+          f'| {r["ours_compile_s"]} | {r["ours_rss_gib"]} / {r["hf_rss_gib"]} '
+          f'| {r["ours_allocator"]} |')
   summary_criteria = criteria(results, peak / torch_peak)
   print('\nCriteria (docs/speed.md; the floor: each matmul of the step timed alone, '
         'bench/matmul_floor.py):\n\n| model, batch | criterion | figure | met |\n|---|---|---|---|')

@@ -50,8 +50,8 @@ def get_config(arg=None):
   c.data.update(dict(name='digits', train_split='train', eval_split='test', num_workers=0,
                      crop_scale=(0.5, 1.0), flip=False))  # flipping changes a digit's meaning
   c.mesh.update(dict(data=-1, fsdp=1))
-  # Its step's buffers are small (89 MiB): one malloc arena costs more than re-faulting them
-  # (0.086 -> 0.092-0.104 s/step, bench/train_step.py --model=demo --batch=128).
+  # Its step's buffers are small (89 MiB): on glibc (no mimalloc) one malloc arena costs more
+  # than re-faulting them (0.086 -> 0.092-0.104 s/step, bench/train_step.py --model=demo --batch=128).
   c.keep_freed_host_memory = False
   c.masking.name, color = MASKING[method]
   c.masking.colored_noise.update(dict(color=color or 'green', sigma_low=1.0, sigma_high=0.5))
