@@ -233,9 +233,13 @@ ESTIMATE_BASIS = ('5 timed MAE steps on this machine give seconds per FLOP; they
                   f'{PROBE_COMPILE_MIN + 7020 * LINEAR_MIN_PER_STEP:.1f} min a run at full size')
 
 
+def train_images(c, b: dict) -> int:
+  """Pretraining images of the budget: --max_train, else the whole train split of config `c`."""
+  return b['max_train'] or data_lib.check_source(c.data, c.data.train_split)
+
+
 def pretrain_steps(c, b: dict) -> int:
-  images = b['max_train'] or data_lib.check_source(c.data, c.data.train_split)
-  return train.schedule_lengths(c, images)[0]
+  return train.schedule_lengths(c, train_images(c, b))[0]
 
 
 def flops_per_step(c) -> float:
@@ -261,7 +265,7 @@ def estimate_minutes(runs, b: dict) -> list[float]:
   mae = pretrain_config('mae', 0, b)
   sec = seconds_per_flop(mae) if encoders else 0.0
   pc = eval_config(b, init_from='').probe
-  bank = b['max_train'] or data_lib.check_source(mae.data, mae.data.train_split)
+  bank = train_images(mae, b)
   queries = b['max_test'] or data_lib.check_source(mae.data, mae.data.eval_split)
   baseline = PROBE_COMPILE_MIN + probe.schedule_lengths(pc, bank)[0] * LINEAR_MIN_PER_STEP
   encoder = baseline + probe_flops(mae, pc, b, bank, queries) * sec / 60
